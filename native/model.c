@@ -1,0 +1,434 @@
+/* model.c - the transformer: bind the mapped weights, then one readable forward pass.
+ *
+ * Read top to bottom: context creation (hyper-parameters, weights, buffers), the building blocks (matmul on the
+ * thread pool, RMSNorm, RoPE, attention), the forward pass, and the public eval/score calls.
+ * Architecture: Llama (RMSNorm, RoPE with rotate-half pairs, grouped-query attention, SwiGLU MLP, tied or
+ * separate output head), with optional q/k/v biases.
+ */
+#include "qrz_internal.h"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int qrz_fail(qrz_context *ctx, int status, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(ctx->err, sizeof ctx->err, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+const char *qrz_context_error(const qrz_context *ctx) { return ctx ? ctx->err : "no context"; }
+
+/* ---- binding weights ---- */
+static int bind_matrix(const qrz_model *m, const char *name, int64_t rows, int64_t cols, bool optional,
+                       qrz_weight *out, char *err, size_t cap) {
+    const qrz_tensor_view *t = qrz_find_tensor(m, name);
+    memset(out, 0, sizeof *out);
+    if (!t) {
+        if (optional) return QRZ_OK;
+        qrz_set_error(err, cap, "tensor '%s' is missing from the file; convert the model again", name);
+        return QRZ_ERR_ARCH;
+    }
+    if (t->n_dims != 2 || (int64_t)t->shape[0] != rows || (int64_t)t->shape[1] != cols) {
+        qrz_set_error(err, cap, "tensor '%s' has shape (%llu, %llu), expected (%lld, %lld)", name,
+                      (unsigned long long)t->shape[0], (unsigned long long)(t->n_dims > 1 ? t->shape[1] : 0),
+                      (long long)rows, (long long)cols);
+        return QRZ_ERR_ARCH;
+    }
+    *out = (qrz_weight){(int)t->type, (int32_t)t->group_size, rows, cols, m->base + t->offset};
+    return QRZ_OK;
+}
+
+static int bind_vector(const qrz_model *m, const char *name, int64_t n, bool optional, const float **out,
+                       char *err, size_t cap) {
+    const qrz_tensor_view *t = qrz_find_tensor(m, name);
+    *out = NULL;
+    if (!t) {
+        if (optional) return QRZ_OK;
+        qrz_set_error(err, cap, "tensor '%s' is missing from the file; convert the model again", name);
+        return QRZ_ERR_ARCH;
+    }
+    if (t->n_dims != 1 || (int64_t)t->shape[0] != n || t->type != QRZ_TYPE_F32) {
+        qrz_set_error(err, cap, "tensor '%s' must be a float32 vector of %lld values", name, (long long)n);
+        return QRZ_ERR_ARCH;
+    }
+    *out = (const float *)(m->base + t->offset);
+    return QRZ_OK;
+}
+
+static int read_hparams(qrz_context *c, char *err, size_t cap) {
+    const qrz_model *m = c->model;
+    const qrz_kv_view *arch = qrz_find_kv(m, "general.architecture");
+    if (!arch || arch->type != QRZ_KV_STRING) {
+        qrz_set_error(err, cap, "the file has no general.architecture; convert the model again");
+        return QRZ_ERR_ARCH;
+    }
+    if (!qrz_kv_str_eq(m, "general.architecture", "llama")) {
+        qrz_set_error(err, cap, "architecture '%.*s' is not supported by this pyqrt (supported: llama)",
+                      (int)(arch->count > 64 ? 64 : arch->count), (const char *)arch->data);
+        return QRZ_ERR_ARCH;
+    }
+    struct { const char *key; int32_t *dst; } ints[] = {
+        {"model.n_vocab", &c->n_vocab}, {"model.n_embd", &c->n_embd}, {"model.n_layers", &c->n_layers},
+        {"model.n_heads", &c->n_heads}, {"model.n_kv_heads", &c->n_kv_heads}, {"model.head_dim", &c->head_dim},
+        {"model.n_ff", &c->n_ff},
+    };
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+        uint32_t v;
+        if (!qrz_kv_u32(m, ints[i].key, &v) || v == 0 || v > (1u << 24)) {
+            qrz_set_error(err, cap, "metadata '%s' is missing or invalid; convert the model again", ints[i].key);
+            return QRZ_ERR_ARCH;
+        }
+        *ints[i].dst = (int32_t)v;
+    }
+    if (!qrz_kv_f32(m, "model.rope_theta", &c->rope_theta)) c->rope_theta = 10000.0f;
+    if (!qrz_kv_f32(m, "model.norm_eps", &c->norm_eps)) c->norm_eps = 1e-5f;
+    if (c->n_heads % c->n_kv_heads || c->head_dim % 2) {
+        qrz_set_error(err, cap, "inconsistent attention shape: %d heads, %d kv heads, head_dim %d",
+                      c->n_heads, c->n_kv_heads, c->head_dim);
+        return QRZ_ERR_ARCH;
+    }
+    return QRZ_OK;
+}
+
+static int bind_weights(qrz_context *c, char *err, size_t cap) {
+    const qrz_model *m = c->model;
+    const int64_t E = c->n_embd, Q = (int64_t)c->n_heads * c->head_dim, KV = (int64_t)c->n_kv_heads * c->head_dim;
+    int rc;
+    if ((rc = bind_matrix(m, "model.embed_tokens.weight", c->n_vocab, E, false, &c->tok_embd, err, cap))) return rc;
+    if ((rc = bind_matrix(m, "lm_head.weight", c->n_vocab, E, true, &c->output, err, cap))) return rc;
+    if (!c->output.data) c->output = c->tok_embd;            /* tied embeddings */
+    if ((rc = bind_vector(m, "model.norm.weight", E, false, &c->output_norm, err, cap))) return rc;
+    c->layers = calloc(c->n_layers, sizeof *c->layers);
+    if (!c->layers) return QRZ_ERR_MEMORY;
+    for (int l = 0; l < c->n_layers; l++) {
+        qrz_layer *L = &c->layers[l];
+        char name[128];
+#define NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix), name)
+        if ((rc = bind_vector(m, NAME("input_layernorm.weight"), E, false, &L->attn_norm, err, cap))) return rc;
+        if ((rc = bind_vector(m, NAME("post_attention_layernorm.weight"), E, false, &L->ffn_norm, err, cap))) return rc;
+        if ((rc = bind_matrix(m, NAME("self_attn.q_proj.weight"), Q, E, false, &L->wq, err, cap))) return rc;
+        if ((rc = bind_matrix(m, NAME("self_attn.k_proj.weight"), KV, E, false, &L->wk, err, cap))) return rc;
+        if ((rc = bind_matrix(m, NAME("self_attn.v_proj.weight"), KV, E, false, &L->wv, err, cap))) return rc;
+        if ((rc = bind_matrix(m, NAME("self_attn.o_proj.weight"), E, Q, false, &L->wo, err, cap))) return rc;
+        if ((rc = bind_vector(m, NAME("self_attn.q_proj.bias"), Q, true, &L->bq, err, cap))) return rc;
+        if ((rc = bind_vector(m, NAME("self_attn.k_proj.bias"), KV, true, &L->bk, err, cap))) return rc;
+        if ((rc = bind_vector(m, NAME("self_attn.v_proj.bias"), KV, true, &L->bv, err, cap))) return rc;
+        if ((rc = bind_matrix(m, NAME("mlp.gate_proj.weight"), c->n_ff, E, false, &L->w_gate, err, cap))) return rc;
+        if ((rc = bind_matrix(m, NAME("mlp.up_proj.weight"), c->n_ff, E, false, &L->w_up, err, cap))) return rc;
+        if ((rc = bind_matrix(m, NAME("mlp.down_proj.weight"), E, c->n_ff, false, &L->w_down, err, cap))) return rc;
+#undef NAME
+    }
+    return QRZ_OK;
+}
+
+/* RoPE angles in float32 the way transformers computes them (inv_freq = 1 / base^(2i/d), angle = pos * inv_freq),
+ * so positions far into the context rotate exactly as in the reference */
+static void rope_tables(qrz_context *c) {
+    const int half = c->head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        const float inv_freq = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)c->head_dim);
+        for (int p = 0; p < c->n_ctx; p++) {
+            const float angle = (float)p * inv_freq;
+            c->rope_cos[(size_t)p * half + i] = cosf(angle);
+            c->rope_sin[(size_t)p * half + i] = sinf(angle);
+        }
+    }
+}
+
+void qrz_context_free(qrz_context *c) {
+    if (!c) return;
+    qrz_pool_free(c->pool);
+    free(c->layers);
+    free(c->k_cache); free(c->v_cache);
+    free(c->rope_cos); free(c->rope_sin);
+    free(c->x); free(c->xb); free(c->q); free(c->k); free(c->v); free(c->att); free(c->hb); free(c->hb2);
+    free(c->scores); free(c->act_q); free(c->act_d); free(c->logits); free(c->tokens);
+    free(c);
+}
+
+int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context **out, char *err, size_t cap) {
+    if (!model || !out) { qrz_set_error(err, cap, "model and out must not be NULL"); return QRZ_ERR_ARG; }
+    *out = NULL;
+    qrz_context_params dp = {0, 0, 0, QRZ_ISA_BEST};
+    if (!p) p = &dp;
+    if (p->n_ctx < 0 || p->n_threads < 0 || p->n_batch < 0) {
+        qrz_set_error(err, cap, "n_ctx, n_threads and n_batch must be >= 0 (0 picks the default)");
+        return QRZ_ERR_ARG;
+    }
+    int isa = p->isa == QRZ_ISA_BEST ? qrz_isa_default() : p->isa;
+    if (!qrz_isa_supported(isa)) {
+        qrz_set_error(err, cap, "this CPU or build cannot run the '%s' kernels", qrz_isa_name(isa));
+        return QRZ_ERR_ARG;
+    }
+    qrz_types_init();
+    qrz_context *c = calloc(1, sizeof *c);
+    if (!c) { qrz_set_error(err, cap, "out of memory"); return QRZ_ERR_MEMORY; }
+    c->model = model;
+    c->isa = isa;
+    int rc;
+    if ((rc = read_hparams(c, err, cap)) || (rc = bind_weights(c, err, cap))) goto fail;
+    uint32_t n_ctx_train = 0;
+    qrz_kv_u32(model, "model.n_ctx_train", &n_ctx_train);
+    c->n_ctx = p->n_ctx ? p->n_ctx : (n_ctx_train ? (int32_t)n_ctx_train : 2048);
+    if (c->n_ctx > (1 << 20)) { qrz_set_error(err, cap, "n_ctx %d is too large", c->n_ctx); rc = QRZ_ERR_ARG; goto fail; }
+    if (n_ctx_train && (uint32_t)c->n_ctx > n_ctx_train)
+        qrz_log(30, "n_ctx %d exceeds the model's training context %u; quality may drop past it", c->n_ctx, n_ctx_train);
+    c->n_batch = p->n_batch ? p->n_batch : 256;
+    if (c->n_batch > c->n_ctx) c->n_batch = c->n_ctx;
+    const int n_threads = p->n_threads ? p->n_threads : qrz_physical_cores();
+    c->pool = qrz_pool_new(n_threads);
+
+    const size_t B = c->n_batch, E = c->n_embd, Q = (size_t)c->n_heads * c->head_dim,
+                 KV = (size_t)c->n_kv_heads * c->head_dim, F = c->n_ff;
+    const size_t max_cols = E > Q ? (E > F ? E : F) : (Q > F ? Q : F);
+    /* calloc'd cache: the OS maps zero pages lazily, so an unused context costs address space, not memory */
+    c->k_cache = calloc((size_t)c->n_layers * c->n_ctx * KV, sizeof(float));
+    c->v_cache = calloc((size_t)c->n_layers * c->n_ctx * KV, sizeof(float));
+    c->rope_cos = malloc((size_t)c->n_ctx * (c->head_dim / 2) * sizeof(float));
+    c->rope_sin = malloc((size_t)c->n_ctx * (c->head_dim / 2) * sizeof(float));
+    c->x = malloc(B * E * sizeof(float));
+    c->xb = malloc(B * E * sizeof(float));
+    c->q = malloc(B * Q * sizeof(float));
+    c->k = malloc(B * KV * sizeof(float));
+    c->v = malloc(B * KV * sizeof(float));
+    c->att = malloc(B * Q * sizeof(float));
+    c->hb = malloc(B * F * sizeof(float));
+    c->hb2 = malloc(B * F * sizeof(float));
+    c->scores = malloc((size_t)qrz_pool_size(c->pool) * c->n_ctx * sizeof(float));
+    c->act_q = malloc(B * max_cols);
+    c->act_d = malloc(B * max_cols * sizeof(float));
+    c->logits = malloc((size_t)QRZ_LOGIT_ROWS * c->n_vocab * sizeof(float));
+    c->tokens = malloc((size_t)c->n_ctx * sizeof(int32_t));
+    if (!c->pool || !c->k_cache || !c->v_cache || !c->rope_cos || !c->rope_sin || !c->x || !c->xb || !c->q ||
+        !c->k || !c->v || !c->att || !c->hb || !c->hb2 || !c->scores || !c->act_q || !c->act_d || !c->logits ||
+        !c->tokens) {
+        qrz_set_error(err, cap, "out of memory allocating a context of %d tokens; pass a smaller ctx", c->n_ctx);
+        rc = QRZ_ERR_MEMORY;
+        goto fail;
+    }
+    rope_tables(c);
+    qrz_log(20, "context: %d tokens, %d threads, %s kernels", c->n_ctx, qrz_pool_size(c->pool), qrz_isa_name(isa));
+    *out = c;
+    return QRZ_OK;
+fail:
+    qrz_context_free(c);
+    return rc;
+}
+
+int32_t qrz_context_n_ctx(const qrz_context *c) { return c->n_ctx; }
+int32_t qrz_context_n_vocab(const qrz_context *c) { return c->n_vocab; }
+int32_t qrz_context_n_threads(const qrz_context *c) { return qrz_pool_size(c->pool); }
+int32_t qrz_context_n_past(const qrz_context *c) { return c->n_past; }
+uint64_t qrz_context_kv_bytes(const qrz_context *c) {
+    return 2ull * c->n_layers * c->n_ctx * c->n_kv_heads * c->head_dim * sizeof(float);
+}
+void qrz_context_reset(qrz_context *c) { c->n_past = 0; }
+
+/* ---- matmul on the thread pool ---- */
+typedef struct {
+    const qrz_weight *w;
+    qrz_acts acts;
+    float *y;
+    int64_t ldy;
+    qrz_matmul_fn fn;
+} matmul_job;
+
+static void matmul_task(void *arg, int ith, int nth) {
+    const matmul_job *job = arg;
+    /* split rows in chunks of 8 so neighbouring threads never write the same cache line of y */
+    const int64_t blocks = (job->w->rows + 7) / 8;
+    const int64_t r0 = blocks * ith / nth * 8, r1 = blocks * (ith + 1) / nth * 8;
+    const int64_t end = r1 < job->w->rows ? r1 : job->w->rows;
+    if (r0 < end) job->fn(job->w, &job->acts, r0, end, job->y, job->ldy);
+}
+
+/* y[n][w->rows] = x[n][w->cols] W^T */
+static void matmul(qrz_context *c, const qrz_weight *w, const float *x, int64_t n, float *y) {
+    matmul_job job = {w, {n, w->cols, x, NULL, NULL, w->group}, y, w->rows, qrz_matmul_for(w->type, c->isa)};
+    if (qrz_types[w->type].int8_acts) {
+        qrz_quantize_acts_q8(x, n, w->cols, w->group, c->act_q, c->act_d);
+        job.acts.q = c->act_q;
+        job.acts.d = c->act_d;
+    }
+    qrz_pool_run(c->pool, matmul_task, &job);
+}
+
+/* ---- element-wise blocks ---- */
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float scale = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * scale);
+}
+
+/* rotate-half RoPE: element i pairs with element i + head_dim/2 (the Hugging Face layout) */
+static void rope(const qrz_context *c, float *vec, int n_heads, int pos) {
+    const int half = c->head_dim / 2;
+    const float *cs = c->rope_cos + (size_t)pos * half, *sn = c->rope_sin + (size_t)pos * half;
+    for (int h = 0; h < n_heads; h++) {
+        float *v = vec + (size_t)h * c->head_dim;
+        for (int i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cs[i] - b * sn[i];
+            v[i + half] = b * cs[i] + a * sn[i];
+        }
+    }
+}
+
+static float dot_f32(const float *a, const float *b, int n) {
+    float lanes[8] = {0};   /* eight partial sums: lets the compiler vectorize without -ffast-math */
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) lanes[k] += a[i + k] * b[i + k];
+    float s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* ---- attention: one job per (token, head) pair, spread over the pool ---- */
+typedef struct {
+    qrz_context *c;
+    int layer, n, pos0;
+} attention_job;
+
+static void attention_task(void *arg, int ith, int nth) {
+    const attention_job *job = arg;
+    qrz_context *c = job->c;
+    const int hd = c->head_dim, KV = c->n_kv_heads * hd, group = c->n_heads / c->n_kv_heads;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const float *kc = c->k_cache + (size_t)job->layer * c->n_ctx * KV;
+    const float *vc = c->v_cache + (size_t)job->layer * c->n_ctx * KV;
+    float *scores = c->scores + (size_t)ith * c->n_ctx;
+    const int total = job->n * c->n_heads;
+    for (int job_i = ith; job_i < total; job_i += nth) {
+        const int i = job_i / c->n_heads, h = job_i % c->n_heads, pos = job->pos0 + i;
+        const float *q = c->q + ((size_t)i * c->n_heads + h) * hd;
+        const int kvh = h / group;
+        float maxs = -INFINITY;
+        for (int t = 0; t <= pos; t++) {
+            scores[t] = dot_f32(q, kc + (size_t)t * KV + kvh * hd, hd) * scale;
+            if (scores[t] > maxs) maxs = scores[t];
+        }
+        float sum = 0.0f;
+        for (int t = 0; t <= pos; t++) { scores[t] = expf(scores[t] - maxs); sum += scores[t]; }
+        const float inv = 1.0f / sum;
+        float *out = c->att + ((size_t)i * c->n_heads + h) * hd;
+        memset(out, 0, hd * sizeof(float));
+        for (int t = 0; t <= pos; t++) {
+            const float p = scores[t] * inv;
+            const float *v = vc + (size_t)t * KV + kvh * hd;
+            for (int d = 0; d < hd; d++) out[d] += p * v[d];
+        }
+    }
+}
+
+/* ---- the forward pass ---- */
+int qrz_forward(qrz_context *c, const int32_t *tokens, int32_t n) {
+    const int E = c->n_embd, Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim, F = c->n_ff;
+    const int pos0 = c->n_past;
+    if (n <= 0 || n > c->n_batch) return qrz_fail(c, QRZ_ERR_ARG, "batch of %d tokens (1..%d allowed)", n, c->n_batch);
+    if (pos0 + n > c->n_ctx)
+        return qrz_fail(c, QRZ_ERR_CONTEXT, "%d tokens do not fit in the context of %d (%d already used); "
+                        "load the model with a larger ctx", n, c->n_ctx, pos0);
+    for (int i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= c->n_vocab)
+            return qrz_fail(c, QRZ_ERR_ARG, "token id %d is out of range (vocabulary of %d)", tokens[i], c->n_vocab);
+        qrz_types[c->tok_embd.type].dequant_row(&c->tok_embd, tokens[i], c->x + (size_t)i * E);
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        const qrz_layer *L = &c->layers[l];
+        /* attention */
+        for (int i = 0; i < n; i++) rmsnorm(c->xb + (size_t)i * E, c->x + (size_t)i * E, L->attn_norm, E, c->norm_eps);
+        matmul(c, &L->wq, c->xb, n, c->q);
+        matmul(c, &L->wk, c->xb, n, c->k);
+        matmul(c, &L->wv, c->xb, n, c->v);
+        float *kc = c->k_cache + ((size_t)l * c->n_ctx + pos0) * KV;
+        float *vc = c->v_cache + ((size_t)l * c->n_ctx + pos0) * KV;
+        for (int i = 0; i < n; i++) {
+            float *q = c->q + (size_t)i * Q, *k = c->k + (size_t)i * KV, *v = c->v + (size_t)i * KV;
+            if (L->bq) for (int j = 0; j < Q; j++) q[j] += L->bq[j];
+            if (L->bk) for (int j = 0; j < KV; j++) k[j] += L->bk[j];
+            if (L->bv) for (int j = 0; j < KV; j++) v[j] += L->bv[j];
+            rope(c, q, c->n_heads, pos0 + i);
+            rope(c, k, c->n_kv_heads, pos0 + i);
+        }
+        memcpy(kc, c->k, (size_t)n * KV * sizeof(float));
+        memcpy(vc, c->v, (size_t)n * KV * sizeof(float));
+        attention_job aj = {c, l, n, pos0};
+        qrz_pool_run(c->pool, attention_task, &aj);
+        matmul(c, &L->wo, c->att, n, c->xb);
+        for (size_t j = 0; j < (size_t)n * E; j++) c->x[j] += c->xb[j];
+        /* SwiGLU MLP */
+        for (int i = 0; i < n; i++) rmsnorm(c->xb + (size_t)i * E, c->x + (size_t)i * E, L->ffn_norm, E, c->norm_eps);
+        matmul(c, &L->w_gate, c->xb, n, c->hb);
+        matmul(c, &L->w_up, c->xb, n, c->hb2);
+        for (size_t j = 0; j < (size_t)n * F; j++) {
+            const float g = c->hb[j];
+            c->hb[j] = g / (1.0f + expf(-g)) * c->hb2[j];
+        }
+        matmul(c, &L->w_down, c->hb, n, c->xb);
+        for (size_t j = 0; j < (size_t)n * E; j++) c->x[j] += c->xb[j];
+    }
+    for (int i = 0; i < n; i++) rmsnorm(c->xb + (size_t)i * E, c->x + (size_t)i * E, c->output_norm, E, c->norm_eps);
+    memcpy(c->tokens + pos0, tokens, (size_t)n * sizeof(int32_t));
+    c->n_past = pos0 + n;
+    return QRZ_OK;
+}
+
+void qrz_output_head(qrz_context *c, const float *hidden, int32_t n, float *logits) {
+    matmul(c, &c->output, hidden, n, logits);
+}
+
+/* ---- public eval and score ---- */
+int qrz_eval(qrz_context *c, const int32_t *tokens, int32_t n, float *logits, int32_t all_logits) {
+    if (!c || (!tokens && n > 0) || n < 0) return c ? qrz_fail(c, QRZ_ERR_ARG, "invalid arguments to eval") : QRZ_ERR_ARG;
+    if (c->n_past + n > c->n_ctx)
+        return qrz_fail(c, QRZ_ERR_CONTEXT, "%d tokens do not fit in the context of %d (%d already used); "
+                        "load the model with a larger ctx", n, c->n_ctx, c->n_past);
+    for (int32_t done = 0; done < n;) {
+        const int32_t chunk = n - done < c->n_batch ? n - done : c->n_batch;
+        int rc = qrz_forward(c, tokens + done, chunk);
+        if (rc) return rc;
+        if (logits && all_logits) {
+            qrz_output_head(c, c->xb, chunk, logits + (size_t)done * c->n_vocab);
+        } else if (logits && done + chunk == n) {
+            qrz_output_head(c, c->xb + (size_t)(chunk - 1) * c->n_embd, 1, logits);
+        }
+        done += chunk;
+    }
+    return QRZ_OK;
+}
+
+int qrz_score(qrz_context *c, const int32_t *tokens, int32_t n, double *nll) {
+    if (!c || !tokens || !nll || n < 2) return c ? qrz_fail(c, QRZ_ERR_ARG, "score needs at least 2 tokens") : QRZ_ERR_ARG;
+    if (n > c->n_ctx)
+        return qrz_fail(c, QRZ_ERR_CONTEXT, "a window of %d tokens does not fit in the context of %d; "
+                        "use a smaller window or load with a larger ctx", n, c->n_ctx);
+    for (int32_t i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= c->n_vocab)
+            return qrz_fail(c, QRZ_ERR_ARG, "token id %d is out of range (vocabulary of %d)", tokens[i], c->n_vocab);
+    c->n_past = 0;
+    for (int32_t done = 0; done < n - 1;) {
+        const int32_t chunk = n - 1 - done < c->n_batch ? n - 1 - done : c->n_batch;
+        int rc = qrz_forward(c, tokens + done, chunk);
+        if (rc) return rc;
+        for (int32_t r0 = 0; r0 < chunk; r0 += QRZ_LOGIT_ROWS) {
+            const int32_t rows = chunk - r0 < QRZ_LOGIT_ROWS ? chunk - r0 : QRZ_LOGIT_ROWS;
+            qrz_output_head(c, c->xb + (size_t)r0 * c->n_embd, rows, c->logits);
+            for (int32_t i = 0; i < rows; i++) {
+                const float *lg = c->logits + (size_t)i * c->n_vocab;
+                float mx = -INFINITY;
+                for (int v = 0; v < c->n_vocab; v++) mx = lg[v] > mx ? lg[v] : mx;
+                double sum = 0.0;
+                for (int v = 0; v < c->n_vocab; v++) sum += exp((double)lg[v] - mx);
+                const int32_t target = tokens[done + r0 + i + 1];
+                nll[done + r0 + i] = log(sum) + mx - lg[target];
+            }
+        }
+        done += chunk;
+    }
+    return QRZ_OK;
+}

@@ -1,0 +1,148 @@
+/* qrz_internal.h - structures shared by the C files of the runtime (not part of the public API). */
+#ifndef QRZ_INTERNAL_H
+#define QRZ_INTERNAL_H
+#include "qrz.h"
+#include <stdarg.h>
+#include <stdbool.h>
+
+#define QRZ_MAGIC "QRZF"
+#define QRZ_ENDIAN_MARK 0x0A0B0C0Du
+#define QRZ_VERSION 1u
+#define QRZ_ALIGN 64u
+#define QRZ_HEADER_BYTES 48u
+#define QRZ_ISA_COUNT 3
+
+/* ---- logging and errors ---- */
+void qrz_log(int level, const char *fmt, ...);
+void qrz_set_error(char *buf, size_t cap, const char *fmt, ...);
+
+/* ---- half precision ---- */
+float qrz_f16_to_f32(uint16_t h);
+uint16_t qrz_f32_to_f16(float f);
+
+/* ---- the mapped file ---- */
+typedef struct {
+    const uint8_t *ptr;   /* the token's bytes inside the mapped file */
+    uint32_t len;
+} qrz_bytes;
+
+struct qrz_model {
+    const uint8_t *base;          /* the whole file, mmapped read-only */
+    uint64_t size;
+    uint32_t version;
+    int64_t n_kv;
+    qrz_kv_view *kvs;             /* [n_kv] */
+    int64_t n_tensors;
+    qrz_tensor_view *tensors;     /* [n_tensors] */
+    /* tokenizer tables the C side needs to turn ids into text */
+    int32_t n_tokens;
+    qrz_bytes *token_bytes;       /* [n_tokens] */
+    int32_t *token_type;          /* [n_tokens]; 1 = control */
+    int32_t n_eog;
+    int32_t *eog_ids;             /* [n_eog] */
+};
+
+const qrz_kv_view *qrz_find_kv(const qrz_model *m, const char *key);
+/* typed getters: return false if the key is absent or of another type */
+bool qrz_kv_u32(const qrz_model *m, const char *key, uint32_t *out);
+bool qrz_kv_f32(const qrz_model *m, const char *key, float *out);
+bool qrz_kv_bool(const qrz_model *m, const char *key, bool *out);
+bool qrz_kv_str_eq(const qrz_model *m, const char *key, const char *value);
+const qrz_tensor_view *qrz_find_tensor(const qrz_model *m, const char *name);
+
+/* ---- weights and the block-format table ---- */
+typedef struct {
+    int type;                     /* qrz_tensor_type */
+    int32_t group;                /* group size along cols (quantized types) */
+    int64_t rows, cols;
+    const void *data;             /* the tensor's bytes */
+} qrz_weight;
+
+/* Activations prepared for one weight type: f32 rows, and for integer kernels the same rows quantized. */
+typedef struct {
+    int64_t n, cols;
+    const float *f32;             /* [n][cols] */
+    int8_t *q;                    /* [n][cols]   when the type wants int8 activations */
+    float *d;                     /* [n][cols/group] their scales */
+    int32_t group;
+} qrz_acts;
+
+/* y[i*ldy + r] = dot(W row r, activation row i) for rows r in [r0, r1), all n activation rows */
+typedef void (*qrz_matmul_fn)(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1,
+                              float *y, int64_t ldy);
+
+typedef struct {
+    const char *name;
+    bool int8_acts;               /* the kernels want activations as int8 groups (qrz_quantize_acts_q8) */
+    uint64_t (*nbytes)(int64_t rows, int64_t cols, int32_t group);
+    void (*dequant_row)(const qrz_weight *w, int64_t r, float *out);
+    qrz_matmul_fn matmul[QRZ_ISA_COUNT];   /* NULL where an ISA has no kernel: the scalar one is used */
+} qrz_type_traits;
+
+extern qrz_type_traits qrz_types[QRZ_TYPE_COUNT];
+void qrz_types_init(void);        /* fills the SIMD columns of qrz_types for this build */
+qrz_matmul_fn qrz_matmul_for(int type, int isa);
+
+/* activation quantizer shared by every int8-activation format: absmax per group to int8 */
+void qrz_quantize_acts_q8(const float *x, int64_t n, int64_t cols, int32_t group, int8_t *q, float *d);
+
+/* per-ISA kernel registration (kernels_avx2.c) */
+void qrz_register_avx2(void);
+
+/* ---- threads ---- */
+typedef struct qrz_pool qrz_pool;
+typedef void (*qrz_task_fn)(void *arg, int ith, int nth);
+qrz_pool *qrz_pool_new(int n_threads);
+void qrz_pool_free(qrz_pool *pool);
+int qrz_pool_size(const qrz_pool *pool);
+/* runs fn(arg, i, n) for i in [0, n) on the pool's threads (the caller is thread 0) and waits for all */
+void qrz_pool_run(qrz_pool *pool, qrz_task_fn fn, void *arg);
+int qrz_physical_cores(void);
+
+/* ---- time ---- */
+double qrz_now_ms(void);
+
+/* ---- the inference context (model.c runs the forward pass, generate.c the token loop) ---- */
+typedef struct {
+    const float *attn_norm, *ffn_norm;            /* [n_embd] */
+    qrz_weight wq, wk, wv, wo;                    /* (n_heads*hd, n_embd) (n_kv*hd, n_embd) x2, (n_embd, n_heads*hd) */
+    const float *bq, *bk, *bv;                    /* optional biases, NULL when absent */
+    qrz_weight w_gate, w_up, w_down;              /* (n_ff, n_embd) x2, (n_embd, n_ff) */
+} qrz_layer;
+
+struct qrz_context {
+    qrz_model *model;
+    /* hyper-parameters */
+    int32_t n_vocab, n_embd, n_layers, n_heads, n_kv_heads, head_dim, n_ff, n_ctx, n_batch;
+    float rope_theta, norm_eps;
+    /* weights, views into the mapped file */
+    qrz_weight tok_embd, output;                  /* (n_vocab, n_embd) each; output may alias tok_embd */
+    const float *output_norm;                     /* [n_embd] */
+    qrz_layer *layers;                            /* [n_layers] */
+    int isa;
+    qrz_pool *pool;
+    /* KV cache, f32: [n_layers][n_ctx][n_kv_heads*head_dim] each */
+    float *k_cache, *v_cache;
+    float *rope_cos, *rope_sin;                   /* [n_ctx][head_dim/2] */
+    /* scratch for one batch of up to n_batch tokens */
+    float *x, *xb, *q, *k, *v, *att, *hb, *hb2;   /* [n_batch][n_embd | n_heads*hd | n_kv*hd | n_ff] */
+    float *scores;                                /* [n_threads][n_ctx] attention weights */
+    int8_t *act_q;                                /* [n_batch][max cols] int8 activations */
+    float *act_d;                                 /* [n_batch][max cols] their group scales (upper bound) */
+    float *logits;                                /* [LOGIT_ROWS][n_vocab] */
+    /* the sequence held in the KV cache */
+    int32_t *tokens;                              /* [n_ctx] */
+    int32_t n_past;
+    char err[512];
+};
+
+#define QRZ_LOGIT_ROWS 32
+/* runs tokens[0..n) at positions n_past.. and leaves their final-norm hidden states in ctx->xb ([n][n_embd]);
+ * n <= n_batch */
+int qrz_forward(qrz_context *ctx, const int32_t *tokens, int32_t n);
+/* logits[i] = output head applied to ctx->xb row i, for rows [0, n) */
+void qrz_output_head(qrz_context *ctx, const float *hidden, int32_t n, float *logits);
+int qrz_fail(qrz_context *ctx, int status, const char *fmt, ...);
+bool qrz_is_eog(const qrz_model *m, int32_t token);
+
+#endif

@@ -28,8 +28,9 @@ static inline float scalar_f32(const void *w, int64_t c) { return ((const float 
 static inline float scalar_f16(const void *w, int64_t c) { return qrz_f16_to_f32(((const uint16_t *)w)[c]); }
 
 #define DEFINE_FLOAT_MATMUL(NAME, ELEM, LOAD8, SCALAR)                                                          \
-    QRZ_AVX2 static void NAME(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,        \
-                              int64_t ldy) {                                                                  \
+    /* one weight row at a time, four activation rows per pass; handles every tail */                       \
+    QRZ_AVX2 static void NAME##_rows(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y, \
+                                     int64_t ldy) {                                                           \
         const int64_t K = w->cols, K8 = K & ~(int64_t)7;                                                      \
         for (int64_t r = r0; r < r1; r++) {                                                                   \
             const void *wr = (const ELEM *)w->data + r * K;                                                   \
@@ -66,6 +67,46 @@ static inline float scalar_f16(const void *w, int64_t c) { return qrz_f16_to_f32
                 y[i * ldy + r] = s;                                                                           \
             }                                                                                                 \
         }                                                                                                     \
+    }                                                                                                         \
+    QRZ_AVX2 static void NAME(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,        \
+                              int64_t ldy) {                                                                  \
+        const int64_t K = w->cols, K8 = K & ~(int64_t)7;                                                      \
+        if (x->n < 4) { NAME##_rows(w, x, r0, r1, y, ldy); return; }                                          \
+        int64_t r = r0;                                                                                       \
+        /* two weight rows x four activation rows: 8 accumulators, 6 loads per 8 FMAs */                      \
+        for (; r + 2 <= r1; r += 2) {                                                                         \
+            const void *wa = (const ELEM *)w->data + r * K, *wb = (const ELEM *)w->data + (r + 1) * K;         \
+            int64_t i = 0;                                                                                    \
+            for (; i + 4 <= x->n; i += 4) {                                                                   \
+                const float *x0 = x->f32 + i * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;                   \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0; \
+                for (int64_t c = 0; c < K8; c += 8) {                                                         \
+                    const __m256 va = LOAD8(wa, c), vb = LOAD8(wb, c);                                        \
+                    __m256 xv = _mm256_loadu_ps(x0 + c);                                                      \
+                    a0 = _mm256_fmadd_ps(va, xv, a0); b0 = _mm256_fmadd_ps(vb, xv, b0);                       \
+                    xv = _mm256_loadu_ps(x1 + c);                                                             \
+                    a1 = _mm256_fmadd_ps(va, xv, a1); b1 = _mm256_fmadd_ps(vb, xv, b1);                       \
+                    xv = _mm256_loadu_ps(x2 + c);                                                             \
+                    a2 = _mm256_fmadd_ps(va, xv, a2); b2 = _mm256_fmadd_ps(vb, xv, b2);                       \
+                    xv = _mm256_loadu_ps(x3 + c);                                                             \
+                    a3 = _mm256_fmadd_ps(va, xv, a3); b3 = _mm256_fmadd_ps(vb, xv, b3);                       \
+                }                                                                                             \
+                float s[8] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3), hsum8(b0), hsum8(b1), hsum8(b2), hsum8(b3)}; \
+                for (int64_t c = K8; c < K; c++) {                                                            \
+                    const float ca = SCALAR(wa, c), cb = SCALAR(wb, c);                                       \
+                    s[0] += ca * x0[c]; s[1] += ca * x1[c]; s[2] += ca * x2[c]; s[3] += ca * x3[c];           \
+                    s[4] += cb * x0[c]; s[5] += cb * x1[c]; s[6] += cb * x2[c]; s[7] += cb * x3[c];           \
+                }                                                                                             \
+                for (int t = 0; t < 4; t++) { y[(i + t) * ldy + r] = s[t]; y[(i + t) * ldy + r + 1] = s[4 + t]; } \
+            }                                                                                                 \
+            if (i < x->n) {                                                                                   \
+                qrz_acts rest = *x;                                                                           \
+                rest.n = x->n - i;                                                                            \
+                rest.f32 = x->f32 + i * K;                                                                    \
+                NAME##_rows(w, &rest, r, r + 2, y + i * ldy, ldy);                                            \
+            }                                                                                                 \
+        }                                                                                                     \
+        if (r < r1) NAME##_rows(w, x, r, r1, y, ldy);                                                         \
     }
 
 DEFINE_FLOAT_MATMUL(f32_matmul_avx2, float, load8_f32, scalar_f32)
@@ -137,7 +178,29 @@ QRZ_AVX2 static void q8_matmul_avx2(const qrz_weight *w, const qrz_acts *x, int6
     }
 }
 
+/* ---- attention vectors ---- */
+QRZ_AVX2 static float dot_avx2(const float *a, const float *b, int n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    float s = hsum8(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+QRZ_AVX2 static void axpy_avx2(float *y, float a, const float *x, int n) {
+    const __m256 av = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
 void qrz_register_avx2(void) {
+    qrz_vec[QRZ_ISA_AVX2] = (qrz_vec_ops){dot_avx2, axpy_avx2};
     qrz_types[QRZ_TYPE_F32].matmul[QRZ_ISA_AVX2] = f32_matmul_avx2;
     qrz_types[QRZ_TYPE_F16].matmul[QRZ_ISA_AVX2] = f16_matmul_avx2;
     qrz_types[QRZ_TYPE_Q8].matmul[QRZ_ISA_AVX2] = q8_matmul_avx2;

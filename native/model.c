@@ -242,7 +242,19 @@ static void matmul_task(void *arg, int ith, int nth) {
     const int64_t blocks = (job->w->rows + 7) / 8;
     const int64_t r0 = blocks * ith / nth * 8, r1 = blocks * (ith + 1) / nth * 8;
     const int64_t end = r1 < job->w->rows ? r1 : job->w->rows;
-    if (r0 < end) job->fn(job->w, &job->acts, r0, end, job->y, job->ldy);
+    /* cache blocking for prompts: a block of weight rows stays in L1/L2 while a block of activation rows
+     * streams past it, instead of every weight row meeting the whole batch */
+    const int64_t ROWS = 16, ACTS = 64, n = job->acts.n, cols = job->acts.cols, ng = cols / (job->acts.group ? job->acts.group : 1);
+    for (int64_t rb = r0; rb < end; rb += ROWS) {
+        const int64_t re = rb + ROWS < end ? rb + ROWS : end;
+        for (int64_t ib = 0; ib < n; ib += ACTS) {
+            qrz_acts sub = job->acts;
+            sub.n = n - ib < ACTS ? n - ib : ACTS;
+            sub.f32 += ib * cols;
+            if (sub.q) { sub.q += ib * cols; sub.d += ib * ng; }
+            job->fn(job->w, &sub, rb, re, job->y + ib * job->ldy, job->ldy);
+        }
+    }
 }
 
 /* y[n][w->rows] = x[n][w->cols] W^T */
@@ -278,16 +290,6 @@ static void rope(const qrz_context *c, float *vec, int n_heads, int pos) {
     }
 }
 
-static float dot_f32(const float *a, const float *b, int n) {
-    float lanes[8] = {0};   /* eight partial sums: lets the compiler vectorize without -ffast-math */
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) lanes[k] += a[i + k] * b[i + k];
-    float s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* ---- attention: one job per (token, head) pair, spread over the pool ---- */
 typedef struct {
     qrz_context *c;
@@ -302,6 +304,7 @@ static void attention_task(void *arg, int ith, int nth) {
     const float *kc = c->k_cache + (size_t)job->layer * c->n_ctx * KV;
     const float *vc = c->v_cache + (size_t)job->layer * c->n_ctx * KV;
     float *scores = c->scores + (size_t)ith * c->n_ctx;
+    const qrz_vec_ops *vec = &qrz_vec[c->isa];
     const int total = job->n * c->n_heads;
     for (int job_i = ith; job_i < total; job_i += nth) {
         const int i = job_i / c->n_heads, h = job_i % c->n_heads, pos = job->pos0 + i;
@@ -309,7 +312,7 @@ static void attention_task(void *arg, int ith, int nth) {
         const int kvh = h / group;
         float maxs = -INFINITY;
         for (int t = 0; t <= pos; t++) {
-            scores[t] = dot_f32(q, kc + (size_t)t * KV + kvh * hd, hd) * scale;
+            scores[t] = vec->dot(q, kc + (size_t)t * KV + kvh * hd, hd) * scale;
             if (scores[t] > maxs) maxs = scores[t];
         }
         float sum = 0.0f;
@@ -317,11 +320,7 @@ static void attention_task(void *arg, int ith, int nth) {
         const float inv = 1.0f / sum;
         float *out = c->att + ((size_t)i * c->n_heads + h) * hd;
         memset(out, 0, hd * sizeof(float));
-        for (int t = 0; t <= pos; t++) {
-            const float p = scores[t] * inv;
-            const float *v = vc + (size_t)t * KV + kvh * hd;
-            for (int d = 0; d < hd; d++) out[d] += p * v[d];
-        }
+        for (int t = 0; t <= pos; t++) vec->axpy(out, scores[t] * inv, vc + (size_t)t * KV + kvh * hd, hd);
     }
 }
 

@@ -86,6 +86,13 @@ qrz_matmul_fn qrz_matmul_for(int type, int isa);
 /* activation quantizer shared by every int8-activation format: absmax per group to int8 */
 void qrz_quantize_acts_q8(const float *x, int64_t n, int64_t cols, int32_t group, int8_t *q, float *d);
 
+/* small float vector kernels the attention uses, per ISA */
+typedef struct {
+    float (*dot)(const float *a, const float *b, int n);
+    void (*axpy)(float *y, float a, const float *x, int n);     /* y += a * x */
+} qrz_vec_ops;
+extern qrz_vec_ops qrz_vec[QRZ_ISA_COUNT];
+
 /* per-ISA kernel registration (kernels_avx2.c) */
 void qrz_register_avx2(void);
 

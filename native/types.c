@@ -108,6 +108,23 @@ void qrz_quantize_acts_q8(const float *x, int64_t n, int64_t cols, int32_t group
     }
 }
 
+/* ---- float vector helpers (attention) ---- */
+static float dot_scalar(const float *a, const float *b, int n) {
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void axpy_scalar(float *y, float a, const float *x, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+qrz_vec_ops qrz_vec[QRZ_ISA_COUNT] = {
+    [QRZ_ISA_SCALAR] = {dot_scalar, axpy_scalar},
+    [QRZ_ISA_AVX2] = {dot_scalar, axpy_scalar},     /* replaced by qrz_register_avx2 where the CPU has it */
+    [QRZ_ISA_NEON] = {dot_scalar, axpy_scalar},
+};
+
 /* ---- the table ---- */
 qrz_type_traits qrz_types[QRZ_TYPE_COUNT] = {
     [QRZ_TYPE_F32] = {"f32", false, f32_nbytes, f32_dequant_row, {f32_matmul_scalar}},

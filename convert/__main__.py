@@ -1,0 +1,33 @@
+"""python -m convert HF_DIR OUT.qrz --format f32|f16|q8 [--group-size N]"""
+import argparse
+import sys
+
+from . import ConvertError, FORMATS, convert
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m convert",
+                                     description="Convert a Hugging Face model directory into one .qrz file.")
+    parser.add_argument("model_dir", help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    parser.add_argument("out", help="output .qrz path")
+    parser.add_argument("--format", default="f16", choices=sorted(FORMATS), help="tensor format (default: f16)")
+    parser.add_argument("--group-size", type=int, default=32,
+                        help="weights per quantization group along the input dimension (default: 32)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        path = convert(args.model_dir, args.out, fmt=args.format, group_size=args.group_size,
+                       progress=not args.quiet and sys.stderr.isatty())
+    except ConvertError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Q8: int8 absmax groups along the reduction axis (QRazor's stage-1 base, with an 8-bit integer).
+
+Layout (docs/FORMAT.md): a plane of f16 group scales d[rows, cols/group], zero-padded to 64 bytes, then the
+int8 plane q[rows, cols]. d = absmax/127 rounded to f16, and q is computed with that rounded d, so
+dequantize(quantize(w)) is exactly what the kernels multiply with.
+"""
+import numpy as np
+
+from . import align64
+
+TYPE_ID = 2
+QUANTIZED = True
+
+
+def nbytes(rows, cols, group):
+    if group <= 0 or cols % group:
+        raise ValueError(f"group size {group} does not divide {cols} columns")
+    return align64(rows * (cols // group) * 2) + rows * cols
+
+
+def quantize(w, group):
+    rows, cols = w.shape
+    nbytes(rows, cols, group)
+    g = np.ascontiguousarray(w, dtype=np.float32).reshape(rows, cols // group, group)
+    d16 = (np.abs(g).max(axis=2) / np.float32(127)).astype(np.float16)
+    d = d16.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d[:, :, None] > 0, np.rint(g / d[:, :, None]), 0)
+    q = np.clip(q, -127, 127).astype(np.int8)
+    out = np.zeros(nbytes(rows, cols, group), dtype=np.uint8)
+    scale_bytes = d16.astype("<f2").reshape(-1).view(np.uint8)
+    out[:scale_bytes.size] = scale_bytes
+    out[align64(scale_bytes.size):] = q.reshape(-1).view(np.uint8)
+    return out
+
+
+def dequantize(buf, rows, cols, group):
+    buf = np.asarray(buf, np.uint8).reshape(-1)
+    ng = cols // group
+    d = buf[:rows * ng * 2].view("<f2").astype(np.float32).reshape(rows, ng, 1)
+    q = buf[align64(rows * ng * 2):].view(np.int8).astype(np.float32).reshape(rows, ng, group)
+    return (q * d).reshape(rows, cols)

@@ -1,0 +1,205 @@
+"""The tokenizer.* metadata of a .qrz (docs/FORMAT.md), read from a Hugging Face model directory.
+
+The whole tokenizer.json (or tokenizer.model) goes into the file, so the runtime tokenizes through the same
+library transformers uses and gets identical ids. Beside it: a table of the bytes each id decodes to, for the C
+detokenizer that streams generated text, plus special ids, end-of-generation ids and the chat template.
+"""
+import json
+import os
+
+from .errors import ConvertError
+from .qrzfile import ARRAY, I32, KV
+
+# end-of-turn markers of common chat formats: generation stops at any of them when present in the vocabulary
+END_OF_TURN_TOKENS = ["<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "<eos>", "</s>",
+                      "<|end_of_text|>", "<|eom_id|>"]
+
+NORMAL, CONTROL, BYTE, USER_DEFINED, UNKNOWN = range(5)
+
+
+def gpt2_unicode_to_byte():
+    """Inverse of byte-level BPE's byte -> printable character map: printable Latin-1 bytes map to themselves,
+    the other 68 bytes to code points from 256 upward, in byte order."""
+    printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConvertError(f"'{path}' is not valid JSON ({exc})")
+    return data if isinstance(data, dict) else {}
+
+
+def _token_content(value):
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _ids(value):
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _is_byte_level(tj):
+    def has(node):
+        if not isinstance(node, dict):
+            return False
+        if node.get("type") == "ByteLevel":
+            return True
+        return any(has(n) for n in node.get("pretokenizers", []) + node.get("decoders", []))
+    return has(tj.get("pre_tokenizer")) or has(tj.get("decoder"))
+
+
+def _spm_piece_bytes(piece):
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)]), BYTE
+        except ValueError:
+            pass
+    return piece.replace("\u2581", " ").encode("utf-8"), NORMAL
+
+
+def _from_tokenizer_json(text):
+    tj = json.loads(text)
+    model = tj.get("model", {})
+    byte_level = _is_byte_level(tj)
+    pieces = {}
+    if model.get("type") == "Unigram":
+        for i, entry in enumerate(model.get("vocab", [])):
+            pieces[i] = entry[0]
+    else:
+        pieces = {int(i): tok for tok, i in model.get("vocab", {}).items()}
+    added = {int(a["id"]): a for a in tj.get("added_tokens", [])}
+    n = max(list(pieces) + list(added)) + 1 if (pieces or added) else 0
+    to_byte = gpt2_unicode_to_byte()
+    token_bytes, token_type = [b""] * n, [UNKNOWN] * n
+    for i, piece in pieces.items():
+        if byte_level:
+            mapped = all(ch in to_byte for ch in piece)
+            token_bytes[i] = bytes(to_byte[ch] for ch in piece) if mapped else piece.encode("utf-8")
+            token_type[i] = NORMAL
+        else:
+            token_bytes[i], token_type[i] = _spm_piece_bytes(piece)
+    unk = model.get("unk_token")
+    for i, a in added.items():
+        token_bytes[i] = a["content"].encode("utf-8")
+        token_type[i] = CONTROL if a.get("special") else USER_DEFINED
+    vocab = {piece: i for i, piece in pieces.items()}
+    vocab.update({a["content"]: i for i, a in added.items()})
+    if unk in vocab:
+        token_type[vocab[unk]] = CONTROL if added.get(vocab[unk], {}).get("special") else UNKNOWN
+    return ("bpe" if byte_level and model.get("type") == "BPE" else "spm"), vocab, token_bytes, token_type
+
+
+def _from_spm_model(raw):
+    try:
+        import sentencepiece
+        sp = sentencepiece.SentencePieceProcessor(model_proto=raw)
+    except Exception as exc:
+        raise ConvertError(f"tokenizer.model could not be read by sentencepiece ({exc})")
+    n = sp.get_piece_size()
+    vocab, token_bytes, token_type = {}, [], []
+    for i in range(n):
+        piece = sp.id_to_piece(i)
+        vocab[piece] = i
+        if sp.is_control(i):
+            token_bytes.append(piece.encode("utf-8"))
+            token_type.append(CONTROL)
+        elif sp.is_unknown(i):
+            token_bytes.append(piece.encode("utf-8"))
+            token_type.append(UNKNOWN)
+        elif sp.is_byte(i):
+            token_bytes.append(_spm_piece_bytes(piece)[0])
+            token_type.append(BYTE)
+        else:
+            token_bytes.append(piece.replace("\u2581", " ").encode("utf-8"))
+            token_type.append(NORMAL)
+    return vocab, token_bytes, token_type
+
+
+def _chat_template(model_dir, tcfg):
+    path = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) else None
+
+
+def tokenizer_metadata(model_dir, config):
+    tj_path = os.path.join(model_dir, "tokenizer.json")
+    sp_path = os.path.join(model_dir, "tokenizer.model")
+    if not os.path.isfile(tj_path) and not os.path.isfile(sp_path):
+        raise ConvertError(f"no tokenizer in '{model_dir}': it needs tokenizer.json or tokenizer.model "
+                           f"(save the tokenizer with tokenizer.save_pretrained into the same directory)")
+    tcfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
+    gen = _read_json(os.path.join(model_dir, "generation_config.json"))
+    meta = {}
+    if os.path.isfile(tj_path):
+        with open(tj_path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            kind, vocab, token_bytes, token_type = _from_tokenizer_json(text)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConvertError(f"'{tj_path}' is not a readable tokenizer.json ({exc})")
+        meta["tokenizer.kind"] = kind
+        meta["tokenizer.hf_json"] = text
+    if os.path.isfile(sp_path):
+        with open(sp_path, "rb") as f:
+            raw = f.read()
+        if "tokenizer.kind" not in meta:
+            vocab, token_bytes, token_type = _from_spm_model(raw)
+            meta["tokenizer.kind"] = "spm"
+        meta["tokenizer.spm_model"] = raw
+
+    def token_id(value):
+        content = _token_content(value)
+        return vocab.get(content, -1) if content is not None else -1
+
+    bos = token_id(tcfg.get("bos_token"))
+    if bos < 0 and isinstance(config.get("bos_token_id"), int):
+        bos = config["bos_token_id"]
+    eos_ids = _ids(config.get("eos_token_id")) + _ids(gen.get("eos_token_id"))
+    eos = token_id(tcfg.get("eos_token"))
+    if eos < 0:
+        eos = eos_ids[0] if eos_ids else -1
+    pad = token_id(tcfg.get("pad_token"))
+    if pad < 0 and isinstance(config.get("pad_token_id"), int):
+        pad = config["pad_token_id"]
+    eog = []
+    for i in [eos] + eos_ids + [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]:
+        if 0 <= i < len(token_bytes) and i not in eog:
+            eog.append(i)
+    meta.update({
+        "tokenizer.token_bytes": token_bytes,
+        "tokenizer.token_type": KV(ARRAY, token_type, I32),
+        "tokenizer.bos_id": KV(I32, bos),
+        "tokenizer.eos_id": KV(I32, eos),
+        "tokenizer.pad_id": KV(I32, pad),
+        "tokenizer.eog_ids": KV(ARRAY, eog, I32),
+        # without tokenizer.json, these flags are the whole special-token policy (LlamaTokenizer's defaults)
+        "tokenizer.add_bos": bool(tcfg.get("add_bos_token", meta["tokenizer.kind"] == "spm")),
+        "tokenizer.add_eos": bool(tcfg.get("add_eos_token", False)),
+        "tokenizer.clean_up_spaces": bool(tcfg.get("clean_up_tokenization_spaces", False)),
+    })
+    template = _chat_template(model_dir, tcfg)
+    if template:
+        meta["tokenizer.chat_template"] = template
+    return meta

@@ -148,7 +148,7 @@ QRZ_AVX2 static void q8_matmul_avx2(const qrz_weight *w, const qrz_acts *x, int6
                     for (int t = 0; t < 4; t++)
                         s[t] = _mm256_add_epi32(s[t], dot32_i8(wa, wv, x->q + (i + t) * K + g * G + k));
                 }
-                const float dw = qrz_f16_to_f32(wd[g]);
+                const float dw = _cvtsh_ss(wd[g]);
                 for (int t = 0; t < 4; t++) {
                     const float dwx = dw * x->d[(i + t) * ng + g];
                     acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dwx), _mm256_cvtepi32_ps(s[t]), acc[t]);
@@ -169,7 +169,7 @@ QRZ_AVX2 static void q8_matmul_avx2(const qrz_weight *w, const qrz_acts *x, int6
                     const __m256i wv = _mm256_loadu_si256((const __m256i *)(wg + k));
                     s = _mm256_add_epi32(s, dot32_i8(_mm256_sign_epi8(wv, wv), wv, xq + g * G + k));
                 }
-                const float dwx = qrz_f16_to_f32(wd[g]) * xd[g];
+                const float dwx = _cvtsh_ss(wd[g]) * xd[g];
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(dwx), _mm256_cvtepi32_ps(s), acc);
                 if (G32 < G) tail += dwx * (float)dot_tail_i8(wg + G32, xq + g * G + G32, G - G32);
             }

@@ -6,6 +6,7 @@
  */
 #include "qrz_internal.h"
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -121,6 +122,7 @@ static void *worker_main(void *p) {
         int spins = 0;
         while (atomic_load_explicit(&pool->generation, memory_order_acquire) == seen) {
             if (++spins < SPIN_BEFORE_SLEEP) { cpu_relax(); continue; }
+            /* idle for a while: sleep until the next job rather than burn a core others may need */
             pthread_mutex_lock(&pool->mu);
             while (atomic_load(&pool->generation) == seen && !pool->stop) pthread_cond_wait(&pool->cv, &pool->mu);
             pthread_mutex_unlock(&pool->mu);
@@ -185,5 +187,9 @@ void qrz_pool_run(qrz_pool *pool, qrz_task_fn fn, void *arg) {
     pthread_cond_broadcast(&pool->cv);
     pthread_mutex_unlock(&pool->mu);
     fn(arg, 0, pool->n);
-    while (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) cpu_relax();
+    /* spin briefly, then yield: if the machine is oversubscribed, a worker we wait for may need our core */
+    for (int spins = 0; atomic_load_explicit(&pool->pending, memory_order_acquire) > 0; spins++) {
+        if (spins < SPIN_BEFORE_SLEEP) cpu_relax();
+        else sched_yield();
+    }
 }

@@ -117,3 +117,37 @@ def test_tiny_logits_match_transformers(tiny_hf, tmp_path, fmt, tol):
         step = [m.logits(ids[:k + 1])[-1] for k in (10, 30)]
         np.testing.assert_allclose(step[0], got[10], rtol=1e-4, atol=1e-4 * np.abs(got).max())
         np.testing.assert_allclose(step[1], got[30], rtol=1e-4, atol=1e-4 * np.abs(got).max())
+
+
+def _train_spm(path, vocab_size=316):
+    import io
+
+    import sentencepiece as spm
+    from tests.tiny import TEXT
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT * 8), model_writer=model, vocab_size=vocab_size,
+                                   byte_fallback=True, character_coverage=0.9995, minloglevel=2, hard_vocab_limit=False,
+                                   user_defined_symbols=["<|im_end|>"])
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+
+
+def test_sentencepiece_only_tokenizer(tmp_path):
+    """a model with tokenizer.model and no tokenizer.json (Llama-2 style): encoded through sentencepiece with
+    the model's BOS policy; the C byte table renders <0xNN> byte pieces and the ▁ space marker"""
+    import sentencepiece as spm
+    hf = make_tiny_llama(tmp_path / "hf", vocab=316)
+    import os as _os
+    _os.unlink(_os.path.join(hf, "tokenizer.json"))
+    _train_spm(_os.path.join(hf, "tokenizer.model"))
+    sp = spm.SentencePieceProcessor(model_file=_os.path.join(hf, "tokenizer.model"))
+    m = pyqrt.load(convert(hf, tmp_path / "spm.qrz", fmt="f32", progress=False), threads=1)
+    assert m.metadata["tokenizer.kind"] == "spm" and m.metadata["tokenizer.add_bos"] is True
+    for text in ["The quick brown fox", "東京 café 🚀 ✓ unseen ∑ chars", "  two  spaces"]:
+        ids = m.tokenize(text)
+        assert ids == [sp.bos_id()] + sp.encode(text)
+        assert m.tokenize(text, special=False) == sp.encode(text)
+        assert m.detokenize(ids[1:]) == sp.decode(ids[1:])
+        from pyqrt import _native
+        # sentencepiece drops the leading space its dummy prefix adds; the byte table keeps it
+        assert _native.detokenize(m.file._handle, ids[1:]).decode("utf-8")[1:] == sp.decode(ids[1:])

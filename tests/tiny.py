@@ -20,12 +20,13 @@ def make_tokenizer_json(vocab_size=300):
     return tok
 
 
-def make_tiny_llama(out_dir, n_layers=2, hidden=64, heads=4, kv_heads=2, ff=96, seed=0, dtype="F32", shards=1):
+def make_tiny_llama(out_dir, n_layers=2, hidden=64, heads=4, kv_heads=2, ff=96, seed=0, dtype="F32", shards=1,
+                    vocab=None):
     from safetensors.numpy import save_file
     os.makedirs(out_dir, exist_ok=True)
     tok = make_tokenizer_json()
     tok.save(os.path.join(out_dir, "tokenizer.json"))
-    vocab = tok.get_vocab_size()
+    vocab = vocab or tok.get_vocab_size()
     head_dim = hidden // heads
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": ff, "num_hidden_layers": n_layers, "num_attention_heads": heads,

@@ -1,11 +1,18 @@
 """Prompt-processing and generation speed, load time and peak memory, side by side in one run.
 
-    python -m bench.speed MODEL.qrz [MODEL.qrz ...] [--gguf FILE.gguf ...] [--threads 2] [--runs 5]
-                          [--pp 512] [--tg 128]
+    python -m bench.speed MODEL.qrz [MODEL.qrz ...] [--gguf FILE.gguf ...] [--threads N] [--runs 5]
+                          [--pp 512] [--tg 128] [--json out.json]
 
-Every model is measured in its own child process (so peak RSS is its own), the runs of all models are
-interleaved (so a slow spell of the machine hits every model alike), and medians are reported with the
-min-max spread. GGUF files are run through llama.cpp (llama-cpp-python) when it is installed.
+pp: tokens/s running a --pp token prompt from an empty cache (one batched pass, as for a chat's first prompt);
+tg: tokens/s generating --tg tokens greedily after a 16-token prompt, never stopping at EOS. pyqrt's numbers are
+the C core's own timings (Model.last_timings); llama.cpp's are wall-clock around llama-cpp-python's eval, whose
+generation loop picks each argmax in Python, as a llama-cpp-python user's code would.
+
+Every run of every model is a fresh child process (so its peak RSS, ru_maxrss, is its own, and load time is
+measured each time), the runs of all models are interleaved (so a slow spell of the machine hits every model
+alike), and medians are reported with the min-max spread. GGUF files are run through llama.cpp
+(llama-cpp-python) when it is installed, and skipped with a note when it is not. --threads defaults to the
+number of physical cores, pyqrt's own default.
 """
 import argparse
 import json
@@ -17,6 +24,30 @@ import sys
 import time
 
 PROMPT_SEED = 1234
+
+
+def physical_cores():
+    """cores, not hardware threads (hyper-threads share a core's vector units); pyqrt's default too"""
+    try:
+        cores, phys, core = set(), None, None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    phys = value.strip()
+                elif key == "core id":
+                    core = value.strip()
+                elif not key and core is not None:
+                    cores.add((phys, core))
+                    phys = core = None
+        if core is not None:
+            cores.add((phys, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
 
 
 def _prompt_ids(n_vocab, n):
@@ -89,13 +120,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", help=".qrz files (pyqrt)")
     p.add_argument("--gguf", nargs="*", default=[], help="GGUF files for llama.cpp (llama-cpp-python)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="worker threads (default: physical cores)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--pp", type=int, default=512)
     p.add_argument("--tg", type=int, default=128)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--child", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = physical_cores()
     if args.child:
         engine, path = args.child
         fn = child_pyqrt if engine == "pyqrt" else child_llamacpp

@@ -6,11 +6,12 @@ Streams tensor by tensor (peak memory is about the largest tensor, not the model
 name, renamed into place only when complete: a failed or interrupted run leaves no .qrz behind.
 """
 import os
+import sys
 
 from .errors import ConvertError
 from .formats import FORMATS
 from .formats import f32 as f32_format
-from .hf import TensorSource, read_config
+from .hf import TensorSource, check_dtype, read_config
 from .qrzfile import QrzWriter, TensorSpec
 from .tokenizer import tokenizer_metadata
 
@@ -81,8 +82,16 @@ def _progress(items, enabled, desc):
     try:
         from tqdm import tqdm
     except ImportError:
-        return items
+        return _plain_progress(items, desc)
     return tqdm(items, desc=desc, unit="tensor")
+
+
+def _plain_progress(items, desc):
+    step = max(1, len(items) // 10)
+    for i, item in enumerate(items, 1):
+        yield item
+        if i % step == 0 or i == len(items):
+            print(f"{desc}: {i}/{len(items)} tensors", file=sys.stderr, flush=True)
 
 
 def convert(hf_dir, out_path, fmt="f16", group_size=32, progress=True):
@@ -119,6 +128,7 @@ def convert(hf_dir, out_path, fmt="f16", group_size=32, progress=True):
         for name in names:
             if name not in source.where:
                 raise ConvertError(f"tensor '{name}' is missing from the safetensors files of '{hf_dir}'")
+            check_dtype(name, source.dtype(name), source.where[name].path)
             shape = source.shape(name)
             if len(shape) == 2:
                 rows, cols = shape

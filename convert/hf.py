@@ -16,6 +16,12 @@ from .errors import ConvertError
 _DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
 
 
+def check_dtype(name, dtype, path):
+    if dtype not in _DTYPES:
+        raise ConvertError(f"tensor '{name}' in '{path}' has dtype {dtype}; supported: F32, F16, BF16 (F64). "
+                           f"Save the model in one of those (e.g. model.to(torch.float32).save_pretrained(...))")
+
+
 def read_config(model_dir):
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
@@ -55,8 +61,7 @@ class SafetensorsFile:
         """The tensor as float32 (bf16 widened exactly, f16 exactly)."""
         info = self.entries[name]
         dtype = info.get("dtype")
-        if dtype not in _DTYPES:
-            raise ConvertError(f"tensor '{name}' in '{self.path}' has dtype {dtype}; supported: F32, F16, BF16")
+        check_dtype(name, dtype, self.path)
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
         count = int(np.prod(shape)) if shape else 1
@@ -107,6 +112,9 @@ class TensorSource:
 
     def shape(self, name):
         return tuple(self.where[name].entries[name]["shape"])
+
+    def dtype(self, name):
+        return self.where[name].entries[name].get("dtype")
 
     def load(self, name):
         if name not in self.where:

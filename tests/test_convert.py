@@ -151,3 +151,187 @@ def test_sentencepiece_only_tokenizer(tmp_path):
         from pyqrt import _native
         # sentencepiece drops the leading space its dummy prefix adds; the byte table keeps it
         assert _native.detokenize(m.file._handle, ids[1:]).decode("utf-8")[1:] == sp.decode(ids[1:])
+
+
+# ---- the file, read back by the spec alone (docs/FORMAT.md), independent of the writer and the C loader ----
+def _read_qrz(path):
+    import struct
+    import zlib
+    raw = open(path, "rb").read()
+    magic, endian, version, meta_crc, n_kv, n_tensors, data_offset, file_size = struct.unpack_from("<4sIII4Q", raw)
+    assert (magic, endian, version) == (b"QRZF", 0x0A0B0C0D, 1) and file_size == len(raw) and data_offset % 64 == 0
+    assert zlib.crc32(raw[16:data_offset]) == meta_crc
+    pos = 48
+
+    def take(fmt):
+        nonlocal pos
+        vals = struct.unpack_from(fmt, raw, pos)
+        pos += struct.calcsize(fmt)
+        return vals if len(vals) > 1 else vals[0]
+
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return raw[pos - n:pos]
+
+    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+    def value(t):
+        if t == 8:
+            return string()
+        if t == 9:
+            et, count = take("<IQ")
+            return [value(et) for _ in range(count)]
+        return take(scalar[t])
+
+    meta, types = {}, {}
+    for _ in range(n_kv):
+        key = string().decode()
+        types[key] = take("<I")
+        meta[key] = value(types[key])
+    tensors = {}
+    for _ in range(n_tensors):
+        name = string().decode()
+        ttype, n_dims = take("<II")
+        shape = [take("<Q") for _ in range(n_dims)]
+        group, offset, nbytes, crc = take("<IQQI")
+        assert offset % 64 == 0 and data_offset + offset + nbytes <= file_size
+        data = raw[data_offset + offset:data_offset + offset + nbytes]
+        assert zlib.crc32(data) == crc, name
+        tensors[name] = (ttype, shape, group, data)
+    assert pos <= data_offset and not any(raw[pos:data_offset])
+    return meta, types, tensors
+
+
+def test_file_layout_by_the_spec(tiny_hf, tmp_path):
+    from convert.hf import TensorSource
+    path = convert(tiny_hf, tmp_path / "t.qrz", fmt="q8", group_size=32, progress=False)
+    meta, types, tensors = _read_qrz(path)
+    assert types["quant.group_size"] == 4 and types["model.rope_theta"] == 6 and types["model.tie_embeddings"] == 7
+    assert types["tokenizer.bos_id"] == 5 and types["tokenizer.token_type"] == 9 and types["general.name"] == 8
+    assert meta["quant.format"] == b"q8" and meta["model.n_ctx_train"] == 256
+    src = TensorSource(tiny_hf)
+    for name, (ttype, shape, group, data) in tensors.items():
+        w = src.load(name)
+        assert tuple(shape) == w.shape
+        if w.ndim == 1:
+            assert (ttype, group) == (0, 0) and data == w.astype("<f4").tobytes()
+        else:
+            assert (ttype, group) == (2, 32) and data == q8.quantize(w, 32).tobytes()
+    src.close()
+
+
+def test_metadata_keys_and_config_variants(tmp_path):
+    """transformers 5's rope_parameters, defaults for head_dim / n_kv_heads, tying decided by lm_head's presence"""
+    import json
+    from safetensors.numpy import load_file, save_file
+    hf = make_tiny_llama(tmp_path / "hf")
+    cfg = json.load(open(os.path.join(hf, "config.json")))
+    for k in ("rope_theta", "head_dim", "num_key_value_heads", "tie_word_embeddings"):
+        cfg.pop(k)
+    cfg["rope_parameters"] = {"rope_theta": 5e5, "rope_type": "default"}
+    cfg["num_key_value_heads"] = None
+    json.dump(cfg, open(os.path.join(hf, "config.json"), "w"))
+    st = os.path.join(hf, "model.safetensors")
+    tensors = load_file(st)
+    for name in ("lm_head.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight",
+                 "model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        tensors[name] = tensors[name] if name != "lm_head.weight" else None
+    tensors = {k: v for k, v in tensors.items() if v is not None}
+    rng = np.random.default_rng(0)
+    for i in range(2):   # n_kv_heads now defaults to n_heads: k/v as wide as q
+        for p in ("k_proj", "v_proj"):
+            tensors[f"model.layers.{i}.self_attn.{p}.weight"] = rng.standard_normal((64, 64)).astype(np.float32)
+    save_file(tensors, st)
+    meta, _, tensors = _read_qrz(convert(hf, tmp_path / "t.qrz", fmt="f16", progress=False))
+    assert meta["model.rope_theta"] == 5e5 and meta["model.head_dim"] == 16 and meta["model.n_kv_heads"] == 4
+    assert meta["model.tie_embeddings"] is True and "lm_head.weight" not in tensors
+    assert tensors["model.embed_tokens.weight"][0] == 1      # the embedding is in the chosen format too
+    assert set(meta) == {
+        "general.architecture", "general.name", "general.source", "quant.format", "quant.group_size",
+        "model.n_vocab", "model.n_embd", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim",
+        "model.n_ff", "model.n_ctx_train", "model.rope_theta", "model.norm_eps", "model.tie_embeddings",
+        "tokenizer.kind", "tokenizer.hf_json", "tokenizer.token_bytes", "tokenizer.token_type", "tokenizer.bos_id",
+        "tokenizer.eos_id", "tokenizer.pad_id", "tokenizer.eog_ids", "tokenizer.add_bos", "tokenizer.add_eos",
+        "tokenizer.clean_up_spaces", "tokenizer.chat_template"}
+
+
+def _rewrite_header(path, edit):
+    """re-save a safetensors file with its JSON header edited (data untouched)"""
+    import json
+    import struct
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack_from("<Q", raw)
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    head = json.dumps(header).encode()
+    open(path, "wb").write(struct.pack("<Q", len(head)) + head + raw[8 + n:])
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("no_safetensors", "no \\*.safetensors files"),
+    ("missing_tensor", "tensor 'model.layers.1.mlp.up_proj.weight' is missing"),
+    ("bad_dtype", "has dtype I32; supported: F32, F16, BF16"),
+    ("missing_shard", "shard 'model-00002-of-00002.safetensors' named in the index is missing"),
+    ("truncated", "truncated or corrupt"),
+    ("rope_scaling", "RoPE scaling 'yarn' is not supported"),
+    ("config_lacks_key", "lacks a positive integer 'hidden_size'"),
+    ("config_not_object", "not a JSON object"),
+])
+def test_bad_input_errors(tmp_path, case, fragment):
+    import json
+    from convert import ConvertError
+    hf = make_tiny_llama(tmp_path / "hf", shards=2 if case == "missing_shard" else 1)
+    st, cfg_path = os.path.join(hf, "model.safetensors"), os.path.join(hf, "config.json")
+    cfg = json.load(open(cfg_path))
+    if case == "no_safetensors":
+        os.unlink(st)
+    elif case == "missing_tensor":
+        _rewrite_header(st, lambda h: h.pop("model.layers.1.mlp.up_proj.weight"))
+    elif case == "bad_dtype":
+        _rewrite_header(st, lambda h: h["model.norm.weight"].update(dtype="I32"))
+    elif case == "missing_shard":
+        os.unlink(os.path.join(hf, "model-00002-of-00002.safetensors"))
+    elif case == "truncated":
+        os.truncate(st, os.path.getsize(st) - 100)
+    elif case == "rope_scaling":
+        json.dump(dict(cfg, rope_scaling={"rope_type": "yarn", "factor": 4.0}), open(cfg_path, "w"))
+    elif case == "config_lacks_key":
+        json.dump({k: v for k, v in cfg.items() if k != "hidden_size"}, open(cfg_path, "w"))
+    elif case == "config_not_object":
+        json.dump([1, 2], open(cfg_path, "w"))
+    with pytest.raises(ConvertError, match=fragment):
+        convert(hf, tmp_path / "out.qrz", fmt="q8", group_size=16, progress=False)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("out.qrz")]
+
+
+def test_cli(tmp_path, tiny_hf):
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-m", "convert", tiny_hf, str(tmp_path / "c.qrz"), "--format", "q8",
+                          "--group-size", "24"], capture_output=True, text=True)
+    assert run.returncode == 2 and "choose a group size dividing it" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, "-m", "convert", tiny_hf, str(tmp_path / "c.qrz"), "--format", "q5"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "invalid choice" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "convert", tiny_hf, str(tmp_path / "c.qrz"), "--format", "f16"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and os.listdir(tmp_path) == ["c.qrz"]
+
+
+def test_failure_midway_keeps_the_old_file_and_leaves_no_temp(tmp_path, tiny_hf, monkeypatch):
+    out = tmp_path / "out.qrz"
+    out.write_bytes(b"previous good file")
+    calls = []
+    real = f16.quantize
+
+    def failing(w, group=0):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("disk on fire")
+        return real(w, group)
+    monkeypatch.setattr(f16, "quantize", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        convert(tiny_hf, out, fmt="f16", progress=False)
+    assert os.listdir(tmp_path) == ["out.qrz"] and out.read_bytes() == b"previous good file"

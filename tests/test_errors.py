@@ -40,21 +40,28 @@ def _fix_meta_crc(data):
     struct.pack_into("<I", data, 12, zlib.crc32(bytes(data[16:data_offset])))
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _load_in_child(path, **kw):
     """load in a fresh interpreter; returns (returncode, stderr). A signal shows as a negative return code."""
     code = (f"import pyqrt, sys\ntry:\n    pyqrt.load({path!r}, **{kw!r})\nexcept pyqrt.QrzError as e:\n"
             f"    print(type(e).__name__, e, file=sys.stderr); sys.exit(3)\nexcept OSError as e:\n"
             f"    print(type(e).__name__, e, file=sys.stderr); sys.exit(4)\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd())
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     return run.returncode, run.stderr
 
 
 def _expect(path, exc_type, fragment, **kw):
+    """loading `path` raises exc_type whose message holds fragment (or one of a tuple of them). Tried in a child
+    process first, so a crash fails this test (negative return code = the signal) instead of killing pytest."""
+    rc, err = _load_in_child(path, **kw)
+    assert rc >= 0, f"the process died of signal {-rc} loading a bad file: {err[-2000:]}"
+    assert rc in (3, 4), (rc, err[-2000:])
     with pytest.raises(exc_type) as info:
         pyqrt.load(path, **kw)
-    assert fragment.lower() in str(info.value).lower(), str(info.value)
-    rc, err = _load_in_child(path, **kw)
-    assert rc in (3, 4), (rc, err)
+    fragments = (fragment,) if isinstance(fragment, str) else fragment
+    assert any(f.lower() in str(info.value).lower() for f in fragments), str(info.value)
 
 
 def test_tiny_model_loads_and_runs(tiny_qrz):
@@ -63,12 +70,55 @@ def test_tiny_model_loads_and_runs(tiny_qrz):
     assert len(out) == 5 and all(0 <= t < m.n_vocab for t in out)
 
 
-@pytest.mark.parametrize("cut", [3, 20, 47, 100, 2000, -1000, -1])
-def test_truncated_file(tmp_path, tiny_qrz, cut):
-    size = os.path.getsize(tiny_qrz)
-    keep = cut if cut > 0 else size + cut
+def _layout(path):
+    """(data_offset, file_size) from the header"""
+    with open(path, "rb") as f:
+        head = f.read(HEADER)
+    return struct.unpack_from("<Q", head, 32)[0], struct.unpack_from("<Q", head, 40)[0]
+
+
+# where to cut, as a function of (data_offset, file_size): inside the header, the metadata, the tensor data
+CUTS = {
+    "empty": lambda off, size: 0,
+    "in-magic": lambda off, size: 3,
+    "mid-header": lambda off, size: 20,
+    "header-minus-1": lambda off, size: HEADER - 1,
+    "header-only": lambda off, size: HEADER,
+    "mid-metadata": lambda off, size: (HEADER + off) // 2,
+    "before-data": lambda off, size: off,
+    "mid-data": lambda off, size: (off + size) // 2,
+    "last-byte": lambda off, size: size - 1,
+}
+
+
+@pytest.mark.parametrize("where", CUTS)
+def test_truncated_file(tmp_path, tiny_qrz, where):
+    keep = CUTS[where](*_layout(tiny_qrz))
     path = _patched(tmp_path, tiny_qrz, lambda d: d.__delitem__(slice(keep, None)))
-    _expect(path, pyqrt.FormatError, "truncated" if keep >= HEADER else "too short")
+    _expect(path, pyqrt.FormatError, "truncated")
+
+
+@pytest.mark.parametrize("where", ["mid-metadata", "before-data"])
+def test_truncated_file_with_consistent_header(tmp_path, tiny_qrz, where):
+    """a cut whose header was patched to agree with the new size (and the metadata CRC fixed): the parser's own
+    bounds checks, not the file-size check, must catch it"""
+    off, size = _layout(tiny_qrz)
+    keep = CUTS[where](off, size)
+
+    def cut(d):
+        del d[keep:]
+        struct.pack_into("<Q", d, 40, keep)               # file_size
+        struct.pack_into("<Q", d, 32, keep // 64 * 64)   # data_offset, still a multiple of 64
+        _fix_meta_crc(d)
+    _expect(_patched(tmp_path, tiny_qrz, cut), pyqrt.FormatError, ("corrupt", "truncated"))
+
+
+def test_file_size_beyond_end_and_data_offset_beyond_end(tmp_path, tiny_qrz):
+    off, size = _layout(tiny_qrz)
+    _expect(_patched(tmp_path, tiny_qrz, lambda d: struct.pack_into("<Q", d, 32, size + 64), "doff.qrz"),
+            pyqrt.FormatError, "corrupt")
+    _expect(_patched(tmp_path, tiny_qrz, lambda d: struct.pack_into("<Q", d, 32, off + 1), "align.qrz"),
+            pyqrt.FormatError, "corrupt")
 
 
 def test_wrong_magic(tmp_path, tiny_qrz):
@@ -81,9 +131,13 @@ def test_gguf_file_is_recognized(tmp_path, tiny_qrz):
     _expect(path, pyqrt.FormatError, "python -m convert")
 
 
-def test_wrong_version(tmp_path, tiny_qrz):
-    path = _patched(tmp_path, tiny_qrz, lambda d: struct.pack_into("<I", d, 8, 2))
-    _expect(path, pyqrt.FormatError, "version 2")
+@pytest.mark.parametrize("version", [0, 2, 7, 2**32 - 1])
+def test_wrong_version(tmp_path, tiny_qrz, version):
+    def patch(d):
+        struct.pack_into("<I", d, 8, version)
+        _fix_meta_crc(d)   # the version lies outside the CRC's range anyway: the version check is what fires
+    path = _patched(tmp_path, tiny_qrz, patch)
+    _expect(path, pyqrt.FormatError, f"version {version}")
 
 
 def test_big_endian_marker(tmp_path, tiny_qrz):
@@ -91,14 +145,23 @@ def test_big_endian_marker(tmp_path, tiny_qrz):
     _expect(path, pyqrt.FormatError, "big-endian")
 
 
-def test_corrupt_metadata_fails_checksum(tmp_path, tiny_qrz):
-    path = _patched(tmp_path, tiny_qrz, lambda d: d.__setitem__(200, d[200] ^ 0x40))
+@pytest.mark.parametrize("where", ["first-key", "mid-metadata", "last-metadata-byte"])
+def test_corrupt_metadata_fails_checksum(tmp_path, tiny_qrz, where):
+    off, _ = _layout(tiny_qrz)
+    at = {"first-key": HEADER + 9, "mid-metadata": (HEADER + off) // 2, "last-metadata-byte": off - 1}[where]
+    path = _patched(tmp_path, tiny_qrz, lambda d: d.__setitem__(at, d[at] ^ 0x40))
     _expect(path, pyqrt.FormatError, "checksum")
 
 
-def test_corrupt_tensor_data_fails_checksum(tmp_path, tiny_qrz):
-    path = _patched(tmp_path, tiny_qrz, lambda d: d.__setitem__(len(d) - 100, d[len(d) - 100] ^ 0x01))
-    _expect(path, pyqrt.FormatError, "checksum")
+@pytest.mark.parametrize("where", ["first-tensor-byte", "mid-data", "last-byte"])
+def test_corrupt_tensor_data_fails_checksum(tmp_path, tiny_qrz, where):
+    off, size = _layout(tiny_qrz)
+    at = {"first-tensor-byte": off, "mid-data": (off + size) // 2, "last-byte": size - 1}[where]
+    tensors = pyqrt.open_file(tiny_qrz).tensors
+    assert any(t["offset"] <= at < t["offset"] + t["nbytes"] for t in tensors), "the byte must lie in a tensor"
+    path = _patched(tmp_path, tiny_qrz, lambda d: d.__setitem__(at, d[at] ^ 0x01))
+    _expect(path, pyqrt.FormatError, "checksum", verify=True)
+    _expect(path, pyqrt.FormatError, "checksum")           # verify=True is the default
     pyqrt.load(path, verify=False)   # the caller may skip the data checksums; the structure is still sound
 
 
@@ -116,6 +179,61 @@ def test_unsupported_architecture(tmp_path, tiny_qrz):
     path = _patched(tmp_path, tiny_qrz, lambda d: _set_string_value(d, "general.architecture", "mamba"))
     _expect(path, pyqrt.ArchitectureError, "architecture 'mamba' is not supported")
     assert pyqrt.open_file(path).metadata["general.architecture"] == "mamba"   # still inspectable
+
+
+_TYPE_IDS = {"f32": 0, "f16": 1, "q8": 2}
+_I32_KEYS = {"tokenizer.bos_id", "tokenizer.eos_id", "tokenizer.pad_id"}
+_I32_ARRAYS = {"tokenizer.token_type", "tokenizer.eog_ids"}
+
+
+def _rewrite(src, dst, edit_metadata=None, keep_tensor=lambda name: True):
+    """a new .qrz written by the converter's own writer from src's metadata and tensors, after edits: a file
+    that is well-formed (sizes, CRCs) but describes something the runtime must refuse"""
+    from convert.qrzfile import ARRAY, I32, KV, QrzWriter, TensorSpec
+    f = pyqrt.open_file(src)
+    meta = dict(f.metadata)
+    for k in _I32_KEYS & set(meta):
+        meta[k] = KV(I32, meta[k])
+    for k in _I32_ARRAYS & set(meta):
+        meta[k] = KV(ARRAY, list(meta[k]), I32)
+    if edit_metadata:
+        edit_metadata(meta)
+    tensors = [t for t in f.tensors if keep_tensor(t["name"])]
+    specs = [TensorSpec(t["name"], _TYPE_IDS[t["type"]], t["shape"], t["group_size"], t["nbytes"]) for t in tensors]
+    raw = open(src, "rb").read()
+    with QrzWriter(str(dst), meta, specs) as w:
+        for t in tensors:
+            w.write_tensor(t["name"], raw[t["offset"]:t["offset"] + t["nbytes"]])
+    return str(dst)
+
+
+def test_rewritten_file_still_loads(tmp_path, tiny_qrz):
+    """the rewriting helper itself is faithful: an unedited copy loads and computes the same logits"""
+    copy = _rewrite(tiny_qrz, tmp_path / "copy.qrz")
+    a, b = pyqrt.load(tiny_qrz, threads=1), pyqrt.load(copy, threads=1)
+    assert np.array_equal(a.logits([1, 2, 3]), b.logits([1, 2, 3]))
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "mamba2", ""])
+def test_unsupported_architecture_written_by_the_writer(tmp_path, tiny_qrz, arch):
+    path = _rewrite(tiny_qrz, tmp_path / "arch.qrz", lambda m: m.__setitem__("general.architecture", arch))
+    _expect(path, pyqrt.ArchitectureError, f"architecture '{arch}'")
+
+
+def test_missing_tensor(tmp_path, tiny_qrz):
+    gone = "model.layers.1.mlp.down_proj.weight"
+    path = _rewrite(tiny_qrz, tmp_path / "missing.qrz", keep_tensor=lambda name: name != gone)
+    _expect(path, pyqrt.ArchitectureError, gone)
+
+
+def test_ill_shaped_tensor(tmp_path, tiny_qrz):
+    path = _rewrite(tiny_qrz, tmp_path / "shape.qrz", lambda m: m.__setitem__("model.n_ff", m["model.n_ff"] * 2))
+    _expect(path, pyqrt.ArchitectureError, "shape")
+
+
+def test_missing_hyperparameter(tmp_path, tiny_qrz):
+    path = _rewrite(tiny_qrz, tmp_path / "nohp.qrz", lambda m: m.pop("model.n_heads"))
+    _expect(path, (pyqrt.ArchitectureError, pyqrt.FormatError), "model.n_heads")
 
 
 def test_hostile_counts_and_offsets(tmp_path, tiny_qrz):
@@ -181,6 +299,16 @@ def test_prompt_longer_than_context(tiny_qrz):
         m.logits(long_prompt)
     with pytest.raises(pyqrt.ContextOverflowError):
         m.score(long_prompt)
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    n = len(m.tokenize(text))
+    assert n > 64
+    with pytest.raises(pyqrt.ContextOverflowError) as info:
+        m.generate(text, max_tokens=4)
+    assert f"{n} tokens" in str(info.value) and "64" in str(info.value) and "ctx=" in str(info.value)
+    with pytest.raises(pyqrt.ContextOverflowError, match="ctx="):
+        m.chat([{"role": "user", "content": text}], max_tokens=4)
+    with pytest.raises(pyqrt.ContextOverflowError, match="ctx="):
+        list(m.generate(text, max_tokens=4, stream=True))
     out = m.generate_tokens(list(range(5, 60)), max_tokens=50)   # generation stops when the context is full
     assert len(out) <= 64 - 55 + 1 and m.last_timings["finish"] == "context"
 

@@ -43,12 +43,8 @@ def encode(type_name, w, group):
     if type_name == "f32":
         return np.ascontiguousarray(w, np.float32).view(np.uint8).ravel(), w
     if type_name == "f16":
-        buf = np.frombuffer(f16_format.quantize(w), np.uint8) if not isinstance(f16_format.quantize(w), np.ndarray) \
-            else f16_format.quantize(w).view(np.uint8).ravel()
-        return buf, w.astype(np.float16).astype(np.float32)
-    buf = q8_format.quantize(w, group)
-    buf = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf.view(np.uint8).ravel()
-    return buf, q8_format.dequantize(buf, w.shape[0], w.shape[1], group)
+        return f16_format.quantize(w), w.astype(np.float16).astype(np.float32)
+    return q8_format.quantize(w, group), q8_format.dequantize(q8_format.quantize(w, group), w.shape[0], w.shape[1], group)
 
 
 TYPE_IDS = {"f32": lib.QRZ_TYPE_F32, "f16": lib.QRZ_TYPE_F16, "q8": lib.QRZ_TYPE_Q8}

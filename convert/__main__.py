@@ -1,4 +1,4 @@
-"""python -m convert HF_DIR OUT.qrz --format f32|f16|q8 [--group-size N]"""
+"""python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8 [--group-size N]"""
 import argparse
 import sys
 
@@ -7,8 +7,8 @@ from . import ConvertError, FORMATS, convert
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m convert",
-                                     description="Convert a Hugging Face model directory into one .qrz file.")
-    parser.add_argument("model_dir", help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+                                     description="Convert a Hugging Face model directory or a GGUF file into one .qrz file.")
+    parser.add_argument("model_dir", help="Hugging Face model directory (config.json, *.safetensors, tokenizer) or a llama.cpp .gguf file")
     parser.add_argument("out", help="output .qrz path")
     parser.add_argument("--format", default="f16", choices=sorted(FORMATS), help="tensor format (default: f16)")
     parser.add_argument("--group-size", type=int, default=32,

@@ -176,6 +176,8 @@ def _hf_special_policy(text, bos, eos):
 
 
 def tokenizer_metadata(model_dir, config):
+    """The tokenizer.* keys for a Hugging Face model directory (tokenizer.json and/or tokenizer.model, with
+    tokenizer_config.json, generation_config.json and chat_template.jinja beside them)."""
     tj_path = os.path.join(model_dir, "tokenizer.json")
     sp_path = os.path.join(model_dir, "tokenizer.model")
     if not os.path.isfile(tj_path) and not os.path.isfile(sp_path):
@@ -183,28 +185,50 @@ def tokenizer_metadata(model_dir, config):
                            f"(save the tokenizer with tokenizer.save_pretrained into the same directory)")
     tcfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
     gen = _read_json(os.path.join(model_dir, "generation_config.json"))
+    tokenizer_json = spm_model = None
+    if os.path.isfile(tj_path):
+        with open(tj_path, encoding="utf-8") as f:
+            tokenizer_json = f.read()
+    if os.path.isfile(sp_path):
+        with open(sp_path, "rb") as f:
+            spm_model = f.read()
+    return build_tokenizer_metadata(config, tcfg, gen, tokenizer_json=tokenizer_json, spm_model=spm_model,
+                                    chat_template=_chat_template(model_dir, tcfg), origin=tj_path)
+
+
+def build_tokenizer_metadata(config, tcfg, gen, tokenizer_json=None, spm_model=None, chat_template=None,
+                             token_type=None, origin="tokenizer.json"):
+    """The tokenizer.* keys from a tokenizer already in memory: the text of a tokenizer.json and/or the bytes of a
+    tokenizer.model, with what tokenizer_config.json (`tcfg`), generation_config.json (`gen`) and config.json
+    (`config`) say about special tokens. A Hugging Face directory and a GGUF file both end up here.
+
+    token_type: per-id types (docs/FORMAT.md) to use instead of the ones sentencepiece reports, for a source that
+    records its own (GGUF); only used when there is no tokenizer.json. origin names the tokenizer.json in errors."""
+    if tokenizer_json is None and spm_model is None:
+        raise ConvertError("no tokenizer: need a tokenizer.json or a tokenizer.model")
     meta = {}
     spm_ids = (-1, -1, -1)   # sentencepiece's own bos/eos/pad, the fallback when no config names them
     clean_up = bool(tcfg.get("clean_up_tokenization_spaces", False))
-    if os.path.isfile(tj_path):
+    if tokenizer_json is not None:
         try:
-            with open(tj_path, encoding="utf-8") as f:
-                text = _effective_tokenizer_json(f.read(), tcfg)
-            kind, vocab, token_bytes, token_type = _from_tokenizer_json(text)
+            text = _effective_tokenizer_json(tokenizer_json, tcfg)
+            kind, vocab, token_bytes, types = _from_tokenizer_json(text)
         except Exception as exc:   # tokenizers reports a malformed file as a plain Exception
-            raise ConvertError(f"'{tj_path}' is not a readable tokenizer.json ({exc}); restore it from the model's "
+            raise ConvertError(f"'{origin}' is not a readable tokenizer.json ({exc}); restore it from the model's "
                                f"source") from None
         meta["tokenizer.kind"] = kind
         meta["tokenizer.hf_json"] = text
         # transformers skips the clean-up for BPE models: it would strip real spaces before punctuation
         clean_up = clean_up and json.loads(text).get("model", {}).get("type") != "BPE"
-    if os.path.isfile(sp_path):
-        with open(sp_path, "rb") as f:
-            raw = f.read()
+    if spm_model is not None:
         if "tokenizer.kind" not in meta:
-            vocab, token_bytes, token_type, spm_ids = _from_spm_model(raw)
+            vocab, token_bytes, types, spm_ids = _from_spm_model(spm_model)
+            if token_type is not None:
+                if len(token_type) != len(types):
+                    raise ConvertError(f"{len(token_type)} token types for a vocabulary of {len(types)} pieces")
+                types = list(token_type)
             meta["tokenizer.kind"] = "spm"
-        meta["tokenizer.spm_model"] = raw
+        meta["tokenizer.spm_model"] = spm_model
 
     def token_id(value):
         content = _token_content(value)
@@ -223,7 +247,7 @@ def tokenizer_metadata(model_dir, config):
             eog.append(i)
     meta.update({
         "tokenizer.token_bytes": token_bytes,
-        "tokenizer.token_type": KV(ARRAY, token_type, I32),
+        "tokenizer.token_type": KV(ARRAY, types, I32),
         "tokenizer.bos_id": KV(I32, bos),
         "tokenizer.eos_id": KV(I32, eos),
         "tokenizer.pad_id": KV(I32, pad),
@@ -235,7 +259,6 @@ def tokenizer_metadata(model_dir, config):
     else:   # without tokenizer.json these flags are the whole policy (LlamaTokenizer's defaults)
         meta["tokenizer.add_bos"] = bool(tcfg.get("add_bos_token", True)) and bos >= 0
         meta["tokenizer.add_eos"] = bool(tcfg.get("add_eos_token", False)) and eos >= 0
-    template = _chat_template(model_dir, tcfg)
-    if template:
-        meta["tokenizer.chat_template"] = template
+    if chat_template:
+        meta["tokenizer.chat_template"] = chat_template
     return meta

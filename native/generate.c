@@ -233,6 +233,7 @@ int qrz_generate(qrz_context *c, const int32_t *prompt, int32_t n_prompt, const 
     int32_t reuse = 0;
     while (reuse < c->n_past && reuse < n_prompt && c->tokens[reuse] == prompt[reuse]) reuse++;
     if (reuse == n_prompt) reuse--;
+    reuse = qrz_context_keepable(c, reuse);
     c->n_past = reuse;
     res->n_reused = reuse;
 

@@ -2,8 +2,10 @@
  *
  * Read top to bottom: context creation (hyper-parameters, weights, buffers), the building blocks (matmul on the
  * thread pool, RMSNorm, RoPE, attention), the forward pass, and the public eval/score calls.
- * Architecture: Llama (RMSNorm, RoPE with rotate-half pairs, grouped-query attention, SwiGLU MLP, tied or
- * separate output head), with optional q/k/v biases.
+ * Architectures: Llama (RMSNorm, RoPE with rotate-half pairs, grouped-query attention, SwiGLU MLP, tied or
+ * separate output head; Mistral and TinyLlama are Llamas), Qwen2 (a Llama with q/k/v biases) and Gemma-3 (q/k
+ * norms, norms after attention and MLP too, GELU-tanh, scaled embeddings, sliding-window layers with their own
+ * RoPE base). The differences are data: which tensors exist, and a few model.* keys (docs/FORMAT.md).
  */
 #include "qrz_internal.h"
 #include <math.h>
@@ -58,6 +60,34 @@ static int bind_vector(const qrz_model *m, const char *name, int64_t n, bool opt
     return QRZ_OK;
 }
 
+/* a float array from the metadata (ARRAY of F32, exactly n long); false if absent, error if malformed */
+static int kv_f32_array(const qrz_model *m, const char *key, int n, float *out, bool *found, char *err, size_t cap) {
+    const qrz_kv_view *kv = qrz_find_kv(m, key);
+    *found = kv != NULL;
+    if (!kv) return QRZ_OK;
+    if (kv->type != QRZ_KV_ARRAY || kv->elem_type != QRZ_KV_F32 || kv->count != (uint64_t)n) {
+        qrz_set_error(err, cap, "metadata '%s' must be an array of %d float32; convert the model again", key, n);
+        return QRZ_ERR_ARCH;
+    }
+    memcpy(out, kv->data, (size_t)n * sizeof(float));   /* metadata is not aligned: copy, never cast */
+    return QRZ_OK;
+}
+
+/* RoPE frequencies in float32 the way transformers computes them, inv_freq = 1 / base^(2i/d), unless the file
+ * carries them precomputed (scaled RoPE: Llama-3, linear) */
+static int rope_frequencies(const qrz_model *m, const char *key, float base, int head_dim, float *out,
+                            char *err, size_t cap) {
+    bool found;
+    int rc = kv_f32_array(m, key, head_dim / 2, out, &found, err, cap);
+    if (rc || found) return rc;
+    for (int i = 0; i < head_dim / 2; i++) out[i] = 1.0f / powf(base, (float)(2 * i) / (float)head_dim);
+    return QRZ_OK;
+}
+
+static const struct { const char *name; qrz_arch arch; } ARCHITECTURES[] = {
+    {"llama", QRZ_ARCH_LLAMA}, {"qwen2", QRZ_ARCH_QWEN2}, {"gemma3", QRZ_ARCH_GEMMA3},
+};
+
 static int read_hparams(qrz_context *c, char *err, size_t cap) {
     const qrz_model *m = c->model;
     const qrz_kv_view *arch = qrz_find_kv(m, "general.architecture");
@@ -65,11 +95,14 @@ static int read_hparams(qrz_context *c, char *err, size_t cap) {
         qrz_set_error(err, cap, "the file has no general.architecture; convert the model again");
         return QRZ_ERR_ARCH;
     }
-    if (!qrz_kv_str_eq(m, "general.architecture", "llama")) {
-        qrz_set_error(err, cap, "architecture '%.*s' is not supported by this pyqrt (supported: llama)",
+    size_t a = 0, n_arch = sizeof ARCHITECTURES / sizeof ARCHITECTURES[0];
+    while (a < n_arch && !qrz_kv_str_eq(m, "general.architecture", ARCHITECTURES[a].name)) a++;
+    if (a == n_arch) {
+        qrz_set_error(err, cap, "architecture '%.*s' is not supported by this pyqrt (supported: llama, qwen2, gemma3)",
                       (int)(arch->count > 64 ? 64 : arch->count), (const char *)arch->data);
         return QRZ_ERR_ARCH;
     }
+    c->arch = ARCHITECTURES[a].arch;
     struct { const char *key; int32_t *dst; } ints[] = {
         {"model.n_vocab", &c->n_vocab}, {"model.n_embd", &c->n_embd}, {"model.n_layers", &c->n_layers},
         {"model.n_heads", &c->n_heads}, {"model.n_kv_heads", &c->n_kv_heads}, {"model.head_dim", &c->head_dim},
@@ -83,12 +116,48 @@ static int read_hparams(qrz_context *c, char *err, size_t cap) {
         }
         *ints[i].dst = (int32_t)v;
     }
-    if (!qrz_kv_f32(m, "model.rope_theta", &c->rope_theta)) c->rope_theta = 10000.0f;
-    if (!qrz_kv_f32(m, "model.norm_eps", &c->norm_eps)) c->norm_eps = 1e-5f;
     if (c->n_heads % c->n_kv_heads || c->head_dim % 2) {
         qrz_set_error(err, cap, "inconsistent attention shape: %d heads, %d kv heads, head_dim %d",
                       c->n_heads, c->n_kv_heads, c->head_dim);
         return QRZ_ERR_ARCH;
+    }
+    if (!qrz_kv_f32(m, "model.norm_eps", &c->norm_eps)) c->norm_eps = 1e-5f;
+    if (!qrz_kv_f32(m, "model.embed_scale", &c->embed_scale)) c->embed_scale = 1.0f;
+    if (!qrz_kv_f32(m, "model.attn_scale", &c->attn_scale)) c->attn_scale = 1.0f / sqrtf((float)c->head_dim);
+    if (!qrz_kv_f32(m, "model.logit_softcap", &c->logit_softcap)) c->logit_softcap = 0.0f;
+    if (qrz_find_kv(m, "model.activation") && !qrz_kv_str_eq(m, "model.activation", "silu")) {
+        if (!qrz_kv_str_eq(m, "model.activation", "gelu_tanh")) {
+            qrz_set_error(err, cap, "metadata model.activation names an activation this pyqrt lacks (silu, gelu_tanh)");
+            return QRZ_ERR_ARCH;
+        }
+        c->act = QRZ_ACT_GELU_TANH;
+    }
+
+    float theta = 10000.0f, theta_local;
+    qrz_kv_f32(m, "model.rope_theta", &theta);
+    if (!qrz_kv_f32(m, "model.rope_theta_local", &theta_local)) theta_local = theta;
+    c->inv_freq = malloc((size_t)c->head_dim / 2 * sizeof(float));
+    c->inv_freq_local = malloc((size_t)c->head_dim / 2 * sizeof(float));
+    c->layers = calloc(c->n_layers, sizeof *c->layers);
+    if (!c->inv_freq || !c->inv_freq_local || !c->layers) { qrz_set_error(err, cap, "out of memory"); return QRZ_ERR_MEMORY; }
+    int rc;
+    if ((rc = rope_frequencies(m, "model.rope_inv_freq", theta, c->head_dim, c->inv_freq, err, cap)) ||
+        (rc = rope_frequencies(m, "model.rope_inv_freq_local", theta_local, c->head_dim, c->inv_freq_local, err, cap)))
+        return rc;
+
+    /* which layers slide: model.sliding_layers (one U8 per layer) names them, model.sliding_window sizes them */
+    uint32_t window = 0;
+    qrz_kv_u32(m, "model.sliding_window", &window);
+    const qrz_kv_view *sl = qrz_find_kv(m, "model.sliding_layers");
+    if (sl && (sl->type != QRZ_KV_ARRAY || (sl->elem_type != QRZ_KV_U8 && sl->elem_type != QRZ_KV_BOOL) ||
+               sl->count != (uint64_t)c->n_layers)) {
+        qrz_set_error(err, cap, "metadata model.sliding_layers must hold one U8 per layer; convert the model again");
+        return QRZ_ERR_ARCH;
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        const bool sliding = window > 0 && sl && ((const uint8_t *)sl->data)[l];
+        c->layers[l].window = sliding ? (int32_t)(window > (1u << 24) ? (1u << 24) : window) : 0;
+        c->layers[l].inv_freq = sliding ? c->inv_freq_local : c->inv_freq;
     }
     return QRZ_OK;
 }
@@ -96,26 +165,34 @@ static int read_hparams(qrz_context *c, char *err, size_t cap) {
 static int bind_weights(qrz_context *c, char *err, size_t cap) {
     const qrz_model *m = c->model;
     const int64_t E = c->n_embd, Q = (int64_t)c->n_heads * c->head_dim, KV = (int64_t)c->n_kv_heads * c->head_dim;
+    const bool gemma = c->arch == QRZ_ARCH_GEMMA3, qwen = c->arch == QRZ_ARCH_QWEN2;
     int rc;
     if ((rc = bind_matrix(m, "model.embed_tokens.weight", c->n_vocab, E, false, &c->tok_embd, err, cap))) return rc;
     if ((rc = bind_matrix(m, "lm_head.weight", c->n_vocab, E, true, &c->output, err, cap))) return rc;
     if (!c->output.data) c->output = c->tok_embd;            /* tied embeddings */
     if ((rc = bind_vector(m, "model.norm.weight", E, false, &c->output_norm, err, cap))) return rc;
-    c->layers = calloc(c->n_layers, sizeof *c->layers);
-    if (!c->layers) return QRZ_ERR_MEMORY;
     for (int l = 0; l < c->n_layers; l++) {
         qrz_layer *L = &c->layers[l];
         char name[128];
 #define NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix), name)
         if ((rc = bind_vector(m, NAME("input_layernorm.weight"), E, false, &L->attn_norm, err, cap))) return rc;
-        if ((rc = bind_vector(m, NAME("post_attention_layernorm.weight"), E, false, &L->ffn_norm, err, cap))) return rc;
+        if (gemma) {   /* Gemma's post_attention_layernorm normalizes the attention output; the MLP has its own pair */
+            if ((rc = bind_vector(m, NAME("post_attention_layernorm.weight"), E, false, &L->attn_post_norm, err, cap)) ||
+                (rc = bind_vector(m, NAME("pre_feedforward_layernorm.weight"), E, false, &L->ffn_norm, err, cap)) ||
+                (rc = bind_vector(m, NAME("post_feedforward_layernorm.weight"), E, false, &L->ffn_post_norm, err, cap)) ||
+                (rc = bind_vector(m, NAME("self_attn.q_norm.weight"), c->head_dim, false, &L->q_norm, err, cap)) ||
+                (rc = bind_vector(m, NAME("self_attn.k_norm.weight"), c->head_dim, false, &L->k_norm, err, cap)))
+                return rc;
+        } else if ((rc = bind_vector(m, NAME("post_attention_layernorm.weight"), E, false, &L->ffn_norm, err, cap))) {
+            return rc;
+        }
         if ((rc = bind_matrix(m, NAME("self_attn.q_proj.weight"), Q, E, false, &L->wq, err, cap))) return rc;
         if ((rc = bind_matrix(m, NAME("self_attn.k_proj.weight"), KV, E, false, &L->wk, err, cap))) return rc;
         if ((rc = bind_matrix(m, NAME("self_attn.v_proj.weight"), KV, E, false, &L->wv, err, cap))) return rc;
         if ((rc = bind_matrix(m, NAME("self_attn.o_proj.weight"), E, Q, false, &L->wo, err, cap))) return rc;
-        if ((rc = bind_vector(m, NAME("self_attn.q_proj.bias"), Q, true, &L->bq, err, cap))) return rc;
-        if ((rc = bind_vector(m, NAME("self_attn.k_proj.bias"), KV, true, &L->bk, err, cap))) return rc;
-        if ((rc = bind_vector(m, NAME("self_attn.v_proj.bias"), KV, true, &L->bv, err, cap))) return rc;
+        if ((rc = bind_vector(m, NAME("self_attn.q_proj.bias"), Q, !qwen, &L->bq, err, cap))) return rc;
+        if ((rc = bind_vector(m, NAME("self_attn.k_proj.bias"), KV, !qwen, &L->bk, err, cap))) return rc;
+        if ((rc = bind_vector(m, NAME("self_attn.v_proj.bias"), KV, !qwen, &L->bv, err, cap))) return rc;
         if ((rc = bind_matrix(m, NAME("mlp.gate_proj.weight"), c->n_ff, E, false, &L->w_gate, err, cap))) return rc;
         if ((rc = bind_matrix(m, NAME("mlp.up_proj.weight"), c->n_ff, E, false, &L->w_up, err, cap))) return rc;
         if ((rc = bind_matrix(m, NAME("mlp.down_proj.weight"), E, c->n_ff, false, &L->w_down, err, cap))) return rc;
@@ -124,25 +201,50 @@ static int bind_weights(qrz_context *c, char *err, size_t cap) {
     return QRZ_OK;
 }
 
-/* RoPE angles in float32 the way transformers computes them (inv_freq = 1 / base^(2i/d), angle = pos * inv_freq),
- * so positions far into the context rotate exactly as in the reference */
-static void rope_tables(qrz_context *c) {
-    const int half = c->head_dim / 2;
-    for (int i = 0; i < half; i++) {
-        const float inv_freq = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)c->head_dim);
-        for (int p = 0; p < c->n_ctx; p++) {
-            const float angle = (float)p * inv_freq;
-            c->rope_cos[(size_t)p * half + i] = cosf(angle);
-            c->rope_sin[(size_t)p * half + i] = sinf(angle);
-        }
+/* KV cache: a global layer keeps every context position; a sliding layer keeps its window plus one batch, so a
+ * batch's keys can be written before any of its queries read (the oldest key a batch still needs is then never
+ * overwritten) and the sequence can be cut back by up to a batch without losing what the continuation needs */
+static int kv_cache_new(qrz_context *c) {
+    const uint64_t KV = (uint64_t)c->n_kv_heads * c->head_dim;
+    uint64_t total = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        qrz_layer *L = &c->layers[l];
+        const int64_t ring = (int64_t)L->window + c->n_batch;
+        L->kv_slots = L->window && ring < c->n_ctx ? (int32_t)ring : c->n_ctx;
+        total += 2 * (uint64_t)L->kv_slots * KV;
     }
+    /* calloc'd: the OS maps zero pages lazily, so an unused context costs address space, not memory */
+    c->kv = calloc(total, sizeof(float));
+    if (!c->kv) return QRZ_ERR_MEMORY;
+    c->kv_floats = total;
+    float *p = c->kv;
+    for (int l = 0; l < c->n_layers; l++) {
+        qrz_layer *L = &c->layers[l];
+        L->k_cache = p; p += (uint64_t)L->kv_slots * KV;
+        L->v_cache = p; p += (uint64_t)L->kv_slots * KV;
+    }
+    return QRZ_OK;
+}
+
+int32_t qrz_context_keepable(const qrz_context *c, int32_t keep) {
+    if (keep >= c->n_past) return keep;
+    for (int l = 0; l < c->n_layers; l++) {
+        const qrz_layer *L = &c->layers[l];
+        if (L->kv_slots >= c->n_ctx) continue;
+        /* the continuation reads positions from keep - window + 1 on; the old sequence wrote over position p
+         * once it reached p + kv_slots */
+        const int32_t oldest = keep - L->window + 1 > 0 ? keep - L->window + 1 : 0;
+        if ((int64_t)c->n_past > (int64_t)oldest + L->kv_slots) return 0;
+    }
+    return keep;
 }
 
 void qrz_context_free(qrz_context *c) {
     if (!c) return;
     qrz_pool_free(c->pool);
     free(c->layers);
-    free(c->k_cache); free(c->v_cache);
+    free(c->kv);
+    free(c->inv_freq); free(c->inv_freq_local);
     free(c->rope_cos); free(c->rope_sin);
     free(c->x); free(c->xb); free(c->q); free(c->k); free(c->v); free(c->att); free(c->hb); free(c->hb2);
     free(c->scores); free(c->act_q); free(c->act_d); free(c->logits); free(c->tokens);
@@ -184,11 +286,9 @@ int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context *
     const size_t B = c->n_batch, E = c->n_embd, Q = (size_t)c->n_heads * c->head_dim,
                  KV = (size_t)c->n_kv_heads * c->head_dim, F = c->n_ff;
     const size_t max_cols = E > Q ? (E > F ? E : F) : (Q > F ? Q : F);
-    /* calloc'd cache: the OS maps zero pages lazily, so an unused context costs address space, not memory */
-    c->k_cache = calloc((size_t)c->n_layers * c->n_ctx * KV, sizeof(float));
-    c->v_cache = calloc((size_t)c->n_layers * c->n_ctx * KV, sizeof(float));
-    c->rope_cos = malloc((size_t)c->n_ctx * (c->head_dim / 2) * sizeof(float));
-    c->rope_sin = malloc((size_t)c->n_ctx * (c->head_dim / 2) * sizeof(float));
+    rc = kv_cache_new(c);
+    c->rope_cos = malloc(2 * B * (c->head_dim / 2) * sizeof(float));
+    c->rope_sin = malloc(2 * B * (c->head_dim / 2) * sizeof(float));
     c->x = malloc(B * E * sizeof(float));
     c->xb = malloc(B * E * sizeof(float));
     c->q = malloc(B * Q * sizeof(float));
@@ -202,14 +302,12 @@ int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context *
     c->act_d = malloc(B * max_cols * sizeof(float));
     c->logits = malloc((size_t)QRZ_LOGIT_ROWS * c->n_vocab * sizeof(float));
     c->tokens = malloc((size_t)c->n_ctx * sizeof(int32_t));
-    if (!c->pool || !c->k_cache || !c->v_cache || !c->rope_cos || !c->rope_sin || !c->x || !c->xb || !c->q ||
-        !c->k || !c->v || !c->att || !c->hb || !c->hb2 || !c->scores || !c->act_q || !c->act_d || !c->logits ||
-        !c->tokens) {
+    if (rc || !c->pool || !c->rope_cos || !c->rope_sin || !c->x || !c->xb || !c->q || !c->k || !c->v || !c->att ||
+        !c->hb || !c->hb2 || !c->scores || !c->act_q || !c->act_d || !c->logits || !c->tokens) {
         qrz_set_error(err, cap, "out of memory allocating a context of %d tokens; pass a smaller ctx", c->n_ctx);
         rc = QRZ_ERR_MEMORY;
         goto fail;
     }
-    rope_tables(c);
     qrz_log(20, "context: %d tokens, %d threads, %s kernels", c->n_ctx, qrz_pool_size(c->pool), qrz_isa_name(isa));
     *out = c;
     return QRZ_OK;
@@ -222,9 +320,7 @@ int32_t qrz_context_n_ctx(const qrz_context *c) { return c->n_ctx; }
 int32_t qrz_context_n_vocab(const qrz_context *c) { return c->n_vocab; }
 int32_t qrz_context_n_threads(const qrz_context *c) { return qrz_pool_size(c->pool); }
 int32_t qrz_context_n_past(const qrz_context *c) { return c->n_past; }
-uint64_t qrz_context_kv_bytes(const qrz_context *c) {
-    return 2ull * c->n_layers * c->n_ctx * c->n_kv_heads * c->head_dim * sizeof(float);
-}
+uint64_t qrz_context_kv_bytes(const qrz_context *c) { return c->kv_floats * sizeof(float); }
 void qrz_context_reset(qrz_context *c) { c->n_past = 0; }
 
 /* ---- matmul on the thread pool ---- */
@@ -269,6 +365,7 @@ static void matmul(qrz_context *c, const qrz_weight *w, const float *x, int64_t 
 }
 
 /* ---- element-wise blocks ---- */
+/* out = weight * x / rms(x); Gemma's (1 + w) scale is folded into the stored weight by the converter */
 static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
     double ss = 0.0;
     for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -276,10 +373,29 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
     for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * scale);
 }
 
-/* rotate-half RoPE: element i pairs with element i + head_dim/2 (the Hugging Face layout) */
-static void rope(const qrz_context *c, float *vec, int n_heads, int pos) {
+static float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+/* RoPE angles of the batch's positions, angle = pos * inv_freq in float32 as transformers computes them, for the
+ * global frequencies (table 0) and the sliding layers' (table 1) */
+static void rope_angles(qrz_context *c, int pos0, int n) {
     const int half = c->head_dim / 2;
-    const float *cs = c->rope_cos + (size_t)pos * half, *sn = c->rope_sin + (size_t)pos * half;
+    const float *freqs[2] = {c->inv_freq, c->inv_freq_local};
+    for (int t = 0; t < 2; t++)
+        for (int i = 0; i < n; i++) {
+            float *cs = c->rope_cos + ((size_t)t * c->n_batch + i) * half, *sn = c->rope_sin + ((size_t)t * c->n_batch + i) * half;
+            for (int j = 0; j < half; j++) {
+                const float angle = (float)(pos0 + i) * freqs[t][j];
+                cs[j] = cosf(angle);
+                sn[j] = sinf(angle);
+            }
+        }
+}
+
+/* rotate-half RoPE: element i pairs with element i + head_dim/2 (the Hugging Face layout) */
+static void rope(const qrz_context *c, float *vec, int n_heads, const float *cs, const float *sn) {
+    const int half = c->head_dim / 2;
     for (int h = 0; h < n_heads; h++) {
         float *v = vec + (size_t)h * c->head_dim;
         for (int i = 0; i < half; i++) {
@@ -293,40 +409,50 @@ static void rope(const qrz_context *c, float *vec, int n_heads, int pos) {
 /* ---- attention: one job per (token, head) pair, spread over the pool ---- */
 typedef struct {
     qrz_context *c;
-    int layer, n, pos0;
+    const qrz_layer *L;
+    int n, pos0;
 } attention_job;
 
 static void attention_task(void *arg, int ith, int nth) {
     const attention_job *job = arg;
     qrz_context *c = job->c;
-    const int hd = c->head_dim, KV = c->n_kv_heads * hd, group = c->n_heads / c->n_kv_heads;
-    const float scale = 1.0f / sqrtf((float)hd);
-    const float *kc = c->k_cache + (size_t)job->layer * c->n_ctx * KV;
-    const float *vc = c->v_cache + (size_t)job->layer * c->n_ctx * KV;
+    const qrz_layer *L = job->L;
+    const int hd = c->head_dim, KV = c->n_kv_heads * hd, group = c->n_heads / c->n_kv_heads, slots = L->kv_slots;
     float *scores = c->scores + (size_t)ith * c->n_ctx;
     const qrz_vec_ops *vec = &qrz_vec[c->isa];
     const int total = job->n * c->n_heads;
     for (int job_i = ith; job_i < total; job_i += nth) {
         const int i = job_i / c->n_heads, h = job_i % c->n_heads, pos = job->pos0 + i;
+        const int first = L->window && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0, span = pos - first + 1;
         const float *q = c->q + ((size_t)i * c->n_heads + h) * hd;
-        const int kvh = h / group;
+        const size_t head = (size_t)(h / group) * hd;
         float maxs = -INFINITY;
-        for (int t = 0; t <= pos; t++) {
-            scores[t] = vec->dot(q, kc + (size_t)t * KV + kvh * hd, hd) * scale;
+        for (int t = 0, slot = first % slots; t < span; t++, slot = slot + 1 == slots ? 0 : slot + 1) {
+            scores[t] = vec->dot(q, L->k_cache + (size_t)slot * KV + head, hd) * c->attn_scale;
             if (scores[t] > maxs) maxs = scores[t];
         }
         float sum = 0.0f;
-        for (int t = 0; t <= pos; t++) { scores[t] = expf(scores[t] - maxs); sum += scores[t]; }
+        for (int t = 0; t < span; t++) { scores[t] = expf(scores[t] - maxs); sum += scores[t]; }
         const float inv = 1.0f / sum;
         float *out = c->att + ((size_t)i * c->n_heads + h) * hd;
         memset(out, 0, hd * sizeof(float));
-        for (int t = 0; t <= pos; t++) vec->axpy(out, scores[t] * inv, vc + (size_t)t * KV + kvh * hd, hd);
+        for (int t = 0, slot = first % slots; t < span; t++, slot = slot + 1 == slots ? 0 : slot + 1)
+            vec->axpy(out, scores[t] * inv, L->v_cache + (size_t)slot * KV + head, hd);
+    }
+}
+
+static void add_normed(float *x, float *y, const float *post_norm, int n, int E, float eps) {
+    for (int i = 0; i < n; i++) {
+        float *yi = y + (size_t)i * E, *xi = x + (size_t)i * E;
+        if (post_norm) rmsnorm(yi, yi, post_norm, E, eps);
+        for (int j = 0; j < E; j++) xi[j] += yi[j];
     }
 }
 
 /* ---- the forward pass ---- */
 int qrz_forward(qrz_context *c, const int32_t *tokens, int32_t n) {
-    const int E = c->n_embd, Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim, F = c->n_ff;
+    const int E = c->n_embd, Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim, F = c->n_ff,
+              hd = c->head_dim, half = hd / 2;
     const int pos0 = c->n_past;
     if (n <= 0 || n > c->n_batch) return qrz_fail(c, QRZ_ERR_ARG, "batch of %d tokens (1..%d allowed)", n, c->n_batch);
     if (pos0 + n > c->n_ctx)
@@ -335,41 +461,51 @@ int qrz_forward(qrz_context *c, const int32_t *tokens, int32_t n) {
     for (int i = 0; i < n; i++) {
         if (tokens[i] < 0 || tokens[i] >= c->n_vocab)
             return qrz_fail(c, QRZ_ERR_ARG, "token id %d is out of range (vocabulary of %d)", tokens[i], c->n_vocab);
-        qrz_types[c->tok_embd.type].dequant_row(&c->tok_embd, tokens[i], c->x + (size_t)i * E);
+        float *xi = c->x + (size_t)i * E;
+        qrz_types[c->tok_embd.type].dequant_row(&c->tok_embd, tokens[i], xi);
+        if (c->embed_scale != 1.0f) for (int j = 0; j < E; j++) xi[j] *= c->embed_scale;
     }
+    rope_angles(c, pos0, n);
     for (int l = 0; l < c->n_layers; l++) {
         const qrz_layer *L = &c->layers[l];
+        const size_t table = (size_t)(L->inv_freq == c->inv_freq ? 0 : 1) * c->n_batch * half;
         /* attention */
         for (int i = 0; i < n; i++) rmsnorm(c->xb + (size_t)i * E, c->x + (size_t)i * E, L->attn_norm, E, c->norm_eps);
         matmul(c, &L->wq, c->xb, n, c->q);
         matmul(c, &L->wk, c->xb, n, c->k);
         matmul(c, &L->wv, c->xb, n, c->v);
-        float *kc = c->k_cache + ((size_t)l * c->n_ctx + pos0) * KV;
-        float *vc = c->v_cache + ((size_t)l * c->n_ctx + pos0) * KV;
         for (int i = 0; i < n; i++) {
             float *q = c->q + (size_t)i * Q, *k = c->k + (size_t)i * KV, *v = c->v + (size_t)i * KV;
             if (L->bq) for (int j = 0; j < Q; j++) q[j] += L->bq[j];
             if (L->bk) for (int j = 0; j < KV; j++) k[j] += L->bk[j];
             if (L->bv) for (int j = 0; j < KV; j++) v[j] += L->bv[j];
-            rope(c, q, c->n_heads, pos0 + i);
-            rope(c, k, c->n_kv_heads, pos0 + i);
+            if (L->q_norm) for (int h = 0; h < c->n_heads; h++) rmsnorm(q + h * hd, q + h * hd, L->q_norm, hd, c->norm_eps);
+            if (L->k_norm) for (int h = 0; h < c->n_kv_heads; h++) rmsnorm(k + h * hd, k + h * hd, L->k_norm, hd, c->norm_eps);
+            const float *cs = c->rope_cos + table + (size_t)i * half, *sn = c->rope_sin + table + (size_t)i * half;
+            rope(c, q, c->n_heads, cs, sn);
+            rope(c, k, c->n_kv_heads, cs, sn);
+            const size_t slot = (size_t)((pos0 + i) % L->kv_slots);
+            memcpy(L->k_cache + slot * KV, k, KV * sizeof(float));
+            memcpy(L->v_cache + slot * KV, v, KV * sizeof(float));
         }
-        memcpy(kc, c->k, (size_t)n * KV * sizeof(float));
-        memcpy(vc, c->v, (size_t)n * KV * sizeof(float));
-        attention_job aj = {c, l, n, pos0};
+        attention_job aj = {c, L, n, pos0};
         qrz_pool_run(c->pool, attention_task, &aj);
         matmul(c, &L->wo, c->att, n, c->xb);
-        for (size_t j = 0; j < (size_t)n * E; j++) c->x[j] += c->xb[j];
-        /* SwiGLU MLP */
+        add_normed(c->x, c->xb, L->attn_post_norm, n, E, c->norm_eps);
+        /* gated MLP: down(act(gate x) * up x) */
         for (int i = 0; i < n; i++) rmsnorm(c->xb + (size_t)i * E, c->x + (size_t)i * E, L->ffn_norm, E, c->norm_eps);
         matmul(c, &L->w_gate, c->xb, n, c->hb);
         matmul(c, &L->w_up, c->xb, n, c->hb2);
-        for (size_t j = 0; j < (size_t)n * F; j++) {
-            const float g = c->hb[j];
-            c->hb[j] = g / (1.0f + expf(-g)) * c->hb2[j];
+        if (c->act == QRZ_ACT_GELU_TANH) {
+            for (size_t j = 0; j < (size_t)n * F; j++) c->hb[j] = gelu_tanh(c->hb[j]) * c->hb2[j];
+        } else {
+            for (size_t j = 0; j < (size_t)n * F; j++) {
+                const float g = c->hb[j];
+                c->hb[j] = g / (1.0f + expf(-g)) * c->hb2[j];
+            }
         }
         matmul(c, &L->w_down, c->hb, n, c->xb);
-        for (size_t j = 0; j < (size_t)n * E; j++) c->x[j] += c->xb[j];
+        add_normed(c->x, c->xb, L->ffn_post_norm, n, E, c->norm_eps);
     }
     for (int i = 0; i < n; i++) rmsnorm(c->xb + (size_t)i * E, c->x + (size_t)i * E, c->output_norm, E, c->norm_eps);
     memcpy(c->tokens + pos0, tokens, (size_t)n * sizeof(int32_t));
@@ -379,6 +515,9 @@ int qrz_forward(qrz_context *c, const int32_t *tokens, int32_t n) {
 
 void qrz_output_head(qrz_context *c, const float *hidden, int32_t n, float *logits) {
     matmul(c, &c->output, hidden, n, logits);
+    if (c->logit_softcap > 0.0f)
+        for (size_t j = 0; j < (size_t)n * c->n_vocab; j++)
+            logits[j] = c->logit_softcap * tanhf(logits[j] / c->logit_softcap);
 }
 
 /* ---- public eval and score ---- */

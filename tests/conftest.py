@@ -53,15 +53,23 @@ def c4_text():
 
 
 class Oracle:
-    """transformers' SmolLM2 (float32, eval mode, 2 threads): the reference the C runtime is checked against"""
+    """a transformers model (float32, eval mode, 2 threads): the reference the C runtime is checked against.
+    weights="f16" rounds every matrix to float16 and back (computing stays float32), so the reference holds
+    exactly the weights of an f16 .qrz (whose vectors stay float32 too)"""
 
-    def __init__(self, hf_dir):
+    def __init__(self, hf_dir, name="smollm2-135m", weights="f32"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         torch.set_num_threads(2)
         self.torch = torch
         self.hf_dir = hf_dir
+        self.name = name if weights == "f32" else f"{name}-{weights}"
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        if weights == "f16":
+            with torch.no_grad():
+                for param in self.model.parameters():
+                    if param.dim() == 2:
+                        param.copy_(param.half().float())
         self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
 
     def tokenize(self, text, special=True):
@@ -107,7 +115,7 @@ class Oracle:
         ids = [int(i) for i in ids]
         weights = sorted((os.path.basename(p), os.path.getsize(p)) for p in
                          [os.path.join(self.hf_dir, f) for f in os.listdir(self.hf_dir)] if p.endswith(".safetensors"))
-        key = hashlib.sha256(json.dumps(["smollm2-135m", weights, ids, window]).encode()).hexdigest()[:20]
+        key = hashlib.sha256(json.dumps([self.name, weights, ids, window]).encode()).hexdigest()[:20]
         path = os.path.join(assets.CACHE, "oracle", f"ppl-{key}.json")
         if os.path.exists(path):
             with open(path) as f:

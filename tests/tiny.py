@@ -1,5 +1,8 @@
-"""A tiny random Llama in Hugging Face layout (config.json, model.safetensors, tokenizer.json), made in a few
-milliseconds with no download: for tests of the converter, the file format and error paths."""
+"""Tiny random models in Hugging Face layout (config.json, model.safetensors, tokenizer.json), made in
+milliseconds with no download: make_tiny_llama writes a Llama with numpy alone (tests of the converter, the file
+format and error paths); make_tiny_hf has transformers build and save any supported architecture (tests of the
+runtime against transformers, tests/test_architectures.py)."""
+import copy
 import json
 import os
 
@@ -20,13 +23,26 @@ def make_tokenizer_json(vocab_size=300):
     return tok
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tokenizer(out_dir):
+    """tokenizer.json (the byte-level BPE of make_tokenizer_json) and tokenizer_config.json; returns the
+    vocabulary size, which the model's embedding must match"""
+    tok = make_tokenizer_json()
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE}, f)
+    return tok.get_vocab_size()
+
+
 def make_tiny_llama(out_dir, n_layers=2, hidden=64, heads=4, kv_heads=2, ff=96, seed=0, dtype="F32", shards=1,
                     vocab=None):
     from safetensors.numpy import save_file
     os.makedirs(out_dir, exist_ok=True)
-    tok = make_tokenizer_json()
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    vocab = vocab or tok.get_vocab_size()
+    n_tokens = write_tokenizer(out_dir)
+    vocab = vocab or n_tokens
     head_dim = hidden // heads
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": ff, "num_hidden_layers": n_layers, "num_attention_heads": heads,
@@ -36,10 +52,6 @@ def make_tiny_llama(out_dir, n_layers=2, hidden=64, heads=4, kv_heads=2, ff=96, 
               "torch_dtype": "float32"}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f)
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-                   "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                                    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"}, f)
     rng = np.random.default_rng(seed)
 
     def mat(rows, cols):
@@ -100,3 +112,86 @@ def _save_bf16(tensors, path):
 
 def bf16_to_f32(bits):
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+# ---- tiny random models of other architectures, made by transformers itself ----
+# (the module and class names are looked up in transformers; the shapes are the smallest that still exercise
+# each architecture's features: grouped-query attention, a head_dim of its own, several windows per sequence)
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM",
+              dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)),
+    "mistral": ("MistralConfig", "MistralForCausalLM",
+                dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                     sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                   tie_word_embeddings=False)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    query_pre_attn_scalar=24, rms_norm_eps=1e-6, sliding_window=8,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                    tie_word_embeddings=True)),
+}
+DROP = object()   # in make_tiny_hf's config_edits: remove the key from config.json
+
+
+def make_tiny_hf(out_dir, arch, seed=0, config_edits=None, **overrides):
+    """A tiny random `arch` model ("llama", "mistral", "qwen2", "gemma3") saved by transformers'
+    save_pretrained as float32 safetensors, with the tokenizer of make_tokenizer_json. `overrides` go to the
+    transformers config class; `config_edits` ({key: value or DROP}) are then applied to the written config.json,
+    to reproduce config files as they are found on the Hub (older key names) rather than as this transformers
+    version writes them.
+
+    Weights are redrawn at unit scale (transformers initialises with std 0.02, which makes attention nearly
+    uniform and hides errors of scale, RoPE or masking): matrices N(0, 1/fan_in), embeddings N(0, 1) (Gemma:
+    N(0, 1/hidden), since it multiplies them by sqrt(hidden)), biases N(0, 0.25), norm weights 1 + N(0, 0.04)
+    (Gemma's zero-centred norms, which multiply by 1 + w: N(0, 0.09))."""
+    import torch
+    import transformers
+    config_cls, model_cls, defaults = ARCHITECTURES[arch]
+    kw = dict(vocab_size=None, hidden_size=64, intermediate_size=96, max_position_embeddings=256,
+              bos_token_id=1, eos_token_id=2, pad_token_id=None, **defaults)
+    kw = copy.deepcopy(dict(kw, **overrides))   # transformers' configs edit rope dicts in place
+    os.makedirs(out_dir, exist_ok=True)
+    kw["vocab_size"] = kw["vocab_size"] or write_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw)).eval()
+    randomize_weights(model, seed, gemma=arch == "gemma3")
+    model.save_pretrained(out_dir)
+    if config_edits:
+        edit_config(out_dir, config_edits)
+    return str(out_dir)
+
+
+def randomize_weights(model, seed, gemma=False):
+    """unit-scale weights (make_tiny_hf's docstring); gemma: zero-centred norm weights, and embeddings that
+    become unit-scale after Gemma's multiplication by sqrt(hidden)"""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():   # a tied lm_head is the embedding: listed once
+            r = torch.randn(p.shape, generator=g)
+            if "embed_tokens" in name:
+                p.copy_(r * (hidden ** -0.5 if gemma else 1.0))
+            elif p.ndim == 2:
+                p.copy_(r * p.shape[1] ** -0.5)
+            elif name.endswith("norm.weight"):
+                p.copy_(0.3 * r if gemma else 1 + 0.2 * r)
+            else:
+                p.copy_(0.5 * r)
+
+
+def edit_config(model_dir, edits):
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    for key, value in edits.items():
+        if value is DROP:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)

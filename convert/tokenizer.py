@@ -146,10 +146,16 @@ def _chat_template(model_dir, tcfg):
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
+# tokenizer classes whose transformers 5 constructor sets a normalizer whatever tokenizer.json says
+CLASS_NORMALIZERS = {"Qwen2Tokenizer": "NFC"}
+
+
 def _effective_tokenizer_json(text, tcfg):
     """tokenizer.json as transformers runs it: every special token named in tokenizer_config.json is registered
-    as a special added token (so its text in a prompt becomes its id). add_bos_token / add_eos_token are not
-    applied: transformers drops them when tokenizer.json exists and lets its post-processor decide."""
+    as a special added token (so its text in a prompt becomes its id), and a tokenizer class that brings its own
+    normalizer gets it (Qwen2Tokenizer: NFC, also over a tokenizer.json saved without one, as transformers writes
+    for a GGUF). add_bos_token / add_eos_token are not applied: transformers drops them when tokenizer.json exists
+    and lets its post-processor decide."""
     tj = json.loads(text)
     present = {a.get("content") for a in tj.get("added_tokens", [])}
     named = [_token_content(tcfg.get(k)) for k in SPECIAL_TOKEN_KEYS]
@@ -157,11 +163,15 @@ def _effective_tokenizer_json(text, tcfg):
         extra = tcfg.get(key)
         named += [_token_content(v) for v in (extra.values() if isinstance(extra, dict) else extra or [])]
     missing = list(dict.fromkeys(c for c in named if c and c not in present))
-    if not missing:
+    normalizer = CLASS_NORMALIZERS.get(tcfg.get("tokenizer_class")) if tj.get("normalizer") is None else None
+    if not missing and not normalizer:
         return text
-    from tokenizers import AddedToken, Tokenizer
+    from tokenizers import AddedToken, Tokenizer, normalizers
     tok = Tokenizer.from_str(text)
-    tok.add_special_tokens([AddedToken(c, special=True, normalized=False) for c in missing])
+    if normalizer:
+        tok.normalizer = getattr(normalizers, normalizer)()
+    if missing:
+        tok.add_special_tokens([AddedToken(c, special=True, normalized=False) for c in missing])
     return tok.to_str()
 
 
@@ -187,11 +197,18 @@ def tokenizer_metadata(model_dir, config):
     gen = _read_json(os.path.join(model_dir, "generation_config.json"))
     tokenizer_json = spm_model = None
     if os.path.isfile(tj_path):
-        with open(tj_path, encoding="utf-8") as f:
-            tokenizer_json = f.read()
+        try:
+            with open(tj_path, encoding="utf-8") as f:
+                tokenizer_json = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConvertError(f"'{tj_path}' is not a readable tokenizer.json ({exc}); restore it from the model's "
+                               f"source") from None
     if os.path.isfile(sp_path):
-        with open(sp_path, "rb") as f:
-            spm_model = f.read()
+        try:
+            with open(sp_path, "rb") as f:
+                spm_model = f.read()
+        except OSError as exc:
+            raise ConvertError(f"cannot read '{sp_path}': {exc}") from None
     return build_tokenizer_metadata(config, tcfg, gen, tokenizer_json=tokenizer_json, spm_model=spm_model,
                                     chat_template=_chat_template(model_dir, tcfg), origin=tj_path)
 
@@ -242,7 +259,10 @@ def build_tokenizer_metadata(config, tcfg, gen, tokenizer_json=None, spm_model=N
     eos = first_id(token_id(tcfg.get("eos_token")), *eos_ids, spm_ids[1])
     pad = first_id(token_id(tcfg.get("pad_token")), config.get("pad_token_id"), gen.get("pad_token_id"), spm_ids[2])
     eog = []
-    for i in [eos] + eos_ids + [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]:
+    # an end-of-turn marker only counts as one when it is a special token: "</s>" is plain text (an HTML tag) in
+    # Gemma's and Qwen's vocabularies, and stopping there would cut off generated HTML
+    turn_ids = [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
+    for i in [eos] + eos_ids + [i for i in turn_ids if i < len(types) and types[i] == CONTROL]:
         if 0 <= i < len(token_bytes) and i not in eog:
             eog.append(i)
     meta.update({

@@ -111,10 +111,25 @@ class Tokenizer:
         if self._hf is not None:
             text = self._hf.decode(ids, skip_special_tokens=skip_special)
         else:
-            if skip_special:
-                ids = [i for i in ids if not (i < len(self._types) and self._types[i] == CONTROL)]
-            text = self._sp.decode(ids)
+            text = self._decode_spm(ids, skip_special)
         return _clean_up_spaces(text) if self.clean_up_spaces else text
+
+    def _decode_spm(self, ids, skip_special):
+        # sentencepiece renders control pieces (<bos>, <end_of_turn>) as nothing; transformers spells them out
+        # unless asked to skip them, so they are cut out here and the text runs between them decoded alone
+        parts, run = [], []
+        for i in ids:
+            if 0 <= i < len(self._types) and self._types[i] == CONTROL:
+                if run:
+                    parts.append(self._sp.decode(run))
+                    run = []
+                if not skip_special:
+                    parts.append(self.token_to_piece(i).decode("utf-8", "replace"))
+            else:
+                run.append(i)
+        if run:
+            parts.append(self._sp.decode(run))
+        return "".join(parts)
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tools=None, documents=None, **kwargs):
         """The conversation rendered with the model's own Jinja template, as transformers'

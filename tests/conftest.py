@@ -91,6 +91,20 @@ class Oracle:
                 seq.append(int(self.torch.argmax(logits)))
         return seq[len(ids):]
 
+    def greedy_cached(self, ids, n):
+        """greedy() through transformers' own KV cache (past_key_values handed back each step): the same
+        decoding at a fraction of the cost for long prompts, and for sliding-window models transformers' own
+        windowed cache as the reference"""
+        torch = self.torch
+        out_ids, past, step = [], None, list(ids)
+        with torch.no_grad():
+            for _ in range(n):
+                out = self.model(torch.tensor([step]), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                step = [int(torch.argmax(out.logits[0, -1]))]
+                out_ids.append(step[0])
+        return out_ids
+
     def window_nll(self, ids, window):
         """(sum of NLL, count) by the perplexity convention of pyqrt's Model.perplexity: ids cut into
         non-overlapping windows of `window`, each scored as a fresh sequence, so a window's first token is context

@@ -1,6 +1,6 @@
 """Hugging Face model directory (or a llama.cpp GGUF file) -> one .qrz file.
 
-    python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8 [--group-size 32]
+    python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8|sdr|int4 [--group-size 32]
 
 Streams tensor by tensor (peak memory is about the largest tensor, not the model) and writes under a temporary
 name, renamed into place only when complete: a failed or interrupted run leaves no .qrz behind.
@@ -9,7 +9,7 @@ import os
 import sys
 
 from .errors import ConvertError
-from .formats import FORMATS
+from .formats import FORMATS, FOUR_BIT_FALLBACK
 from .formats import f32 as f32_format
 from .architectures import architecture, model_metadata, tensor_names, transform
 from .hf import TensorSource, check_dtype, read_config
@@ -46,8 +46,25 @@ def _plain_progress(items, desc):
             print(f"{desc}: {i}/{len(items)} tensors", file=sys.stderr, flush=True)
 
 
-def convert(hf_dir, out_path, fmt="f16", group_size=32, progress=True):
-    """Convert a Hugging Face model directory, or a GGUF file, into a .qrz. Returns the output path."""
+def _matrix_format(fmt_module, name, rows, cols, group):
+    """The format a matrix is stored in: the requested one, except that the 4-bit formats keep the embedding and
+    the output head, and any matrix whose shape they cannot hold, in FOUR_BIT_FALLBACK (docs/FORMAT.md)."""
+    if not getattr(fmt_module, "ACTS_4BIT", False):
+        return fmt_module, (group if fmt_module.QUANTIZED else 0)
+    fallback = FORMATS[FOUR_BIT_FALLBACK]
+    fallback_group = fallback.DEFAULT_GROUP if cols % fallback.DEFAULT_GROUP == 0 else group
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return fallback, fallback_group
+    try:
+        fmt_module.nbytes(rows, cols, group)
+    except ValueError:
+        return fallback, fallback_group
+    return fmt_module, group
+
+
+def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True):
+    """Convert a Hugging Face model directory, or a GGUF file, into a .qrz. Returns the output path.
+    group_size None: the format's default (docs/QUANTIZATION.md says how each was chosen)."""
     hf_dir, out_path = os.fspath(hf_dir), os.fspath(out_path)
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
@@ -55,6 +72,8 @@ def convert(hf_dir, out_path, fmt="f16", group_size=32, progress=True):
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         raise ConvertError(f"cannot write into '{out_dir}': it does not exist or is not writable")
     fmt_module = FORMATS[fmt]
+    if group_size is None:
+        group_size = getattr(fmt_module, "DEFAULT_GROUP", 0)
     if fmt_module.QUANTIZED and (not isinstance(group_size, int) or group_size <= 0):
         raise ConvertError(f"group size must be a positive integer, got {group_size!r}")
 
@@ -97,9 +116,9 @@ def convert(hf_dir, out_path, fmt="f16", group_size=32, progress=True):
                 if fmt_module.QUANTIZED and cols % group_size:
                     raise ConvertError(f"group size {group_size} does not divide in_features {cols} of tensor "
                                        f"'{name}'; choose a group size dividing it")
-                group = group_size if fmt_module.QUANTIZED else 0
-                specs.append(TensorSpec(name, fmt_module.TYPE_ID, shape, group, fmt_module.nbytes(rows, cols, group)))
-                plans.append((name, fmt_module, group))
+                module, group = _matrix_format(fmt_module, name, rows, cols, group_size)
+                specs.append(TensorSpec(name, module.TYPE_ID, shape, group, module.nbytes(rows, cols, group)))
+                plans.append((name, module, group))
             elif len(shape) == 1:
                 specs.append(TensorSpec(name, f32_format.TYPE_ID, shape, 0, shape[0] * 4))
                 plans.append((name, None, 0))

@@ -1,4 +1,4 @@
-"""python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8 [--group-size N]"""
+"""python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8|sdr|int4 [--group-size N]"""
 import argparse
 import sys
 
@@ -11,8 +11,9 @@ def main(argv=None):
     parser.add_argument("model_dir", help="Hugging Face model directory (config.json, *.safetensors, tokenizer) or a llama.cpp .gguf file")
     parser.add_argument("out", help="output .qrz path")
     parser.add_argument("--format", default="f16", choices=sorted(FORMATS), help="tensor format (default: f16)")
-    parser.add_argument("--group-size", type=int, default=32,
-                        help="weights per quantization group along the input dimension (default: 32)")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="weights per quantization group along the input dimension (default: the format's, "
+                             "16 for sdr, 32 for q8 and int4)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:

@@ -1,8 +1,9 @@
 /* cpu.c - what the CPU can do (checked once, at run time) and the thread pool.
  *
  * One build runs on any CPU of its architecture: SIMD kernels are compiled with per-function target
- * attributes and only chosen when cpuid says the CPU and the OS support them. QRZ_FORCE_GENERIC=1 forces the
- * scalar path, which is how the tests cover it on a machine that has AVX2.
+ * attributes and only chosen when cpuid says the CPU and the OS support them; on AArch64, NEON is baseline and the
+ * default (kernels_neon.c picks its dot-product build from HWCAP). QRZ_FORCE_GENERIC=1 forces the scalar path,
+ * which is how the tests cover it on a machine that has SIMD.
  */
 #include "qrz_internal.h"
 #include <pthread.h>
@@ -35,12 +36,22 @@ static int cpu_has_avx2(void) {
 #endif
 }
 
+/* Advanced SIMD is part of the AArch64 base ISA: every aarch64 CPU (and OS) has it */
+static int cpu_has_neon(void) {
+#if defined(__aarch64__) && defined(__ARM_NEON)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 int qrz_isa_supported(int isa) {
     static int avx2 = -1;
     if (avx2 < 0) avx2 = cpu_has_avx2();
     switch (isa) {
     case QRZ_ISA_SCALAR: return 1;
     case QRZ_ISA_AVX2: return avx2;
+    case QRZ_ISA_NEON: return cpu_has_neon();
     default: return 0;
     }
 }
@@ -49,6 +60,7 @@ int qrz_isa_default(void) {
     const char *force = getenv("QRZ_FORCE_GENERIC");
     if (force && *force && strcmp(force, "0") != 0) return QRZ_ISA_SCALAR;
     if (qrz_isa_supported(QRZ_ISA_AVX2)) return QRZ_ISA_AVX2;
+    if (qrz_isa_supported(QRZ_ISA_NEON)) return QRZ_ISA_NEON;
     return QRZ_ISA_SCALAR;
 }
 

@@ -178,6 +178,384 @@ QRZ_AVX2 static void q8_matmul_avx2(const qrz_weight *w, const qrz_acts *x, int6
     }
 }
 
+/* ---- 4-bit nibble planes: SDR and INT4 (docs/FORMAT.md, docs/QUANTIZATION.md) ----
+ * A run of 32 codes is 16 bytes, byte j holding value j (low nibble) and value j + 16 (high nibble), stored as
+ * m + 8. One broadcast load, a shift of the upper lane and a mask give the 32 values in order, so lanes 0-3 of a
+ * madd result hold values 0..15 of the run and lanes 4-7 values 16..31. The weights are never expanded to float:
+ * the codes go through the same sign trick as Q8 (|w| * (x * sign(w)) = w * x) into maddubs and madd.
+ * Each kernel takes four activation rows (then the 1..3 left over) against all of its weight rows, so that block
+ * of activations stays in L1 while the weight rows stream past; NT (activation rows) and RPG (32-value runs per
+ * group) are compile-time constants of each specialization. */
+#define QRZ_AVX2_INLINE QRZ_AVX2 static inline __attribute__((always_inline))
+
+static inline uint64_t nib_align(uint64_t n) { return (n + QRZ_ALIGN - 1) / QRZ_ALIGN * QRZ_ALIGN; }
+
+/* Shift and multiplier vectors indexed by a byte holding two 4-bit fields, filled by qrz_register_avx2:
+ * nib_shift_lo[b] / nib_shift_hi[b]: the low / high nibble of b in every int32 lane (the shifts of the two groups
+ * of a flag byte, groups that are whole runs); nib_shift_pair[b]: the low nibble in lanes 0-3 (the first 16 values
+ * of a run), the high nibble in lanes 4-7 (the last 16), for groups of 16; nib_pow_one[b] and nib_pow_pair[b]: the
+ * same as powers of two in int16 lanes (pairs 0-7 and 8-15), for the activation shifts of SDR4_ROW (0..12, so
+ * 2^e fits an int16 and a madd with them is the shift). */
+static int32_t nib_shift_lo[256][8] __attribute__((aligned(32)));
+static int32_t nib_shift_hi[256][8] __attribute__((aligned(32)));
+static int32_t nib_shift_pair[256][8] __attribute__((aligned(32)));
+static int16_t nib_pow_one[16][16] __attribute__((aligned(32)));
+static int16_t nib_pow_pair[256][16] __attribute__((aligned(32)));
+
+static void nib_tables_init(void) {
+    for (int b = 0; b < 256; b++) {
+        for (int l = 0; l < 8; l++) {
+            nib_shift_lo[b][l] = b & 15;
+            nib_shift_hi[b][l] = b >> 4;
+            nib_shift_pair[b][l] = l < 4 ? (b & 15) : (b >> 4);
+        }
+        for (int l = 0; l < 16; l++) {
+            const int e = l < 8 ? (b & 15) : (b >> 4);
+            nib_pow_pair[b][l] = (int16_t)(e < 15 ? 1 << e : 0);   /* shifts above 12 never come from the quantizer */
+            if (b < 16) nib_pow_one[b][l] = (int16_t)(b < 15 ? 1 << b : 0);
+        }
+    }
+}
+
+#define NIB_LOAD(p) _mm256_load_si256((const __m256i *)(p))
+
+/* the 16 bytes in both lanes (a broadcast load), the upper lane shifted right by a nibble, then masked: the low
+ * nibbles (values 0..15) in the lower lane, the high nibbles (16..31) in the upper one, as m = nibble - 8 */
+QRZ_AVX2_INLINE __m256i nib_run(const uint8_t *p) {
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    const __m256i v = _mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    return _mm256_sub_epi8(_mm256_and_si256(v, _mm256_set1_epi8(15)), _mm256_set1_epi8(8));
+}
+
+/* int16 pair sums of w * x over 32 codes. |w| <= 8 and |x| <= 127 keep each pair below 2032 in magnitude, so up
+ * to 16 of these vectors add in int16 without wrapping (and maddubs never saturates) */
+QRZ_AVX2_INLINE __m256i nib_dot16(__m256i w_abs, __m256i w, const int8_t *x) {
+    return _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), w));
+}
+
+QRZ_AVX2_INLINE __m256i widen16(__m256i v) { return _mm256_madd_epi16(v, _mm256_set1_epi16(1)); }
+
+/* the int16 pair sums of `runs` consecutive runs (at most 16) for NT activation rows, x rows K apart */
+QRZ_AVX2_INLINE void nib_runs16(const uint8_t *m, const int8_t *x, int64_t K, int32_t runs, const int NT, __m256i *s16) {
+    for (int t = 0; t < NT; t++) s16[t] = _mm256_setzero_si256();
+    for (int32_t j = 0; j < runs; j++) {
+        const __m256i wv = nib_run(m + 16 * j), wa = _mm256_sign_epi8(wv, wv);
+        for (int t = 0; t < NT; t++) s16[t] = _mm256_add_epi16(s16[t], nib_dot16(wa, wv, x + t * K + 32 * j));
+    }
+}
+
+QRZ_AVX2_INLINE int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* int32 lanes added into four int64 lanes */
+QRZ_AVX2_INLINE __m256i add_i32_to_i64(__m256i tot, __m256i v) {
+    tot = _mm256_add_epi64(tot, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)));
+    return _mm256_add_epi64(tot, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+}
+
+QRZ_AVX2_INLINE int64_t hsum_i64(__m256i v) {   /* through memory: no 64-bit lane extracts on 32-bit x86 */
+    int64_t lanes[4];
+    _mm256_storeu_si256((__m256i *)lanes, v);
+    return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}
+
+static inline int nib_shift(const uint8_t *flags, int64_t g) { return (flags[g >> 1] >> ((g & 1) * 4)) & 15; }
+
+/* Groups that are an odd multiple of 16 (16, 48, 80, ...) can change in the middle of a run; each half run of 16
+ * values lies in one group. half_walk_next gives the group of the next half run. */
+typedef struct { int64_t g; int32_t k, per; } half_walk;
+static inline half_walk half_walk_start(int32_t G) { return (half_walk){0, 0, G / 16}; }
+static inline int64_t half_walk_next(half_walk *h) {
+    const int64_t g = h->g;
+    if (++h->k == h->per) { h->k = 0; h->g++; }
+    return g;
+}
+
+typedef struct {
+    const float *s;               /* [rows] row scales */
+    const uint8_t *e;             /* [rows][fb] shift nibbles */
+    const uint8_t *m;             /* [rows][cols/2] codes */
+    int64_t fb;
+} sdr_view;
+
+static sdr_view sdr_view_of(const qrz_weight *w) {
+    const uint8_t *base = w->data;
+    const int64_t fb = (w->cols / w->group + 1) / 2;
+    const uint64_t s_bytes = nib_align((uint64_t)w->rows * 4);
+    return (sdr_view){(const float *)base, base + s_bytes, base + s_bytes + nib_align((uint64_t)w->rows * fb), fb};
+}
+
+/* Specializations: NT activation rows 1..4; RPG runs per group 1, 2, 4, 8, or 0 (another multiple of 32, read
+ * from G), or -1 (groups of 16: two per run), or -2 (48, 80, ...: a group boundary inside some runs) */
+#define NIB_RPG(FN, NT, G, ...)                                                                                \
+    switch (G) {                                                                                               \
+    case 32: FN(__VA_ARGS__, NT, 1); break;                                                                    \
+    case 64: FN(__VA_ARGS__, NT, 2); break;                                                                    \
+    case 128: FN(__VA_ARGS__, NT, 4); break;                                                                   \
+    case 256: FN(__VA_ARGS__, NT, 8); break;                                                                   \
+    case 16: FN(__VA_ARGS__, NT, -1); break;                                                                   \
+    default:                                                                                                   \
+        if ((G) & 31) FN(__VA_ARGS__, NT, -2);                                                                 \
+        else FN(__VA_ARGS__, NT, 0);                                                                           \
+    }
+#define NIB_DISPATCH(FN, w, x, r0, r1, y, ldy)                                                                 \
+    for (int64_t i = 0; i < (x)->n; i += 4) {                                                                  \
+        switch ((x)->n - i < 4 ? (x)->n - i : 4) {                                                             \
+        case 4: NIB_RPG(FN, 4, (w)->group, w, x, i, r0, r1, y, ldy); break;                                    \
+        case 3: NIB_RPG(FN, 3, (w)->group, w, x, i, r0, r1, y, ldy); break;                                    \
+        case 2: NIB_RPG(FN, 2, (w)->group, w, x, i, r0, r1, y, ldy); break;                                    \
+        default: NIB_RPG(FN, 1, (w)->group, w, x, i, r0, r1, y, ldy); break;                                   \
+        }                                                                                                      \
+    }
+
+/* SDR x I8_ROW: y = s_w s_x sum_g 2^e_g sum_{k in g} m_k q_k, the integer sum exact in int32 (docs/QUANTIZATION.md
+ * bounds it for rows of up to 2^17 columns; every partial sum here is a sum of fewer of the same terms) */
+QRZ_AVX2_INLINE void sdr_i8_group(const uint8_t *m, const int8_t *x, int64_t K, int32_t rpg, __m256i sh, const int NT,
+                                  __m256i *acc) {
+    __m256i s16[4];   /* whole runs (at most 8): int16 sums over the group, then one madd and one shift */
+    nib_runs16(m, x, K, rpg, NT, s16);
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_add_epi32(acc[t], _mm256_sllv_epi32(widen16(s16[t]), sh));
+}
+
+QRZ_AVX2_INLINE void sdr_i8_rows(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
+                                 float *y, int64_t ldy, const int NT, const int RPG) {
+    const sdr_view p = sdr_view_of(w);
+    const int32_t G = w->group, rpg = RPG > 0 ? RPG : G / 32;
+    const int64_t K = w->cols, ng = K / G;
+    const int8_t *xq = x->q + i * K;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *flags = p.e + r * p.fb, *mant = p.m + r * (K / 2);
+        __m256i acc[4];
+        for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_si256();
+        if (RPG >= 0) {   /* groups of whole runs, two per flag byte */
+            const int64_t step_m = 16 * rpg, step_x = 32 * rpg;
+            int64_t g = 0;
+            for (; g + 2 <= ng; g += 2) {
+                const unsigned b = flags[g >> 1];
+                sdr_i8_group(mant + g * step_m, xq + g * step_x, K, rpg, NIB_LOAD(nib_shift_lo[b]), NT, acc);
+                sdr_i8_group(mant + (g + 1) * step_m, xq + (g + 1) * step_x, K, rpg, NIB_LOAD(nib_shift_hi[b]), NT, acc);
+            }
+            if (g < ng) sdr_i8_group(mant + g * step_m, xq + g * step_x, K, rpg, NIB_LOAD(nib_shift_lo[flags[g >> 1]]), NT, acc);
+        } else {          /* groups of 16, 48, 80, ...: a shift per half run */
+            half_walk h = half_walk_start(G);
+            for (int64_t c = 0; c < K / 32; c++) {
+                unsigned b;
+                if (RPG == -1) b = flags[c];   /* groups 2c and 2c + 1: exactly flag byte c */
+                else {
+                    const int64_t glo = half_walk_next(&h), ghi = half_walk_next(&h);
+                    b = (unsigned)(nib_shift(flags, glo) | nib_shift(flags, ghi) << 4);
+                }
+                __m256i s16[4];
+                nib_runs16(mant + 16 * c, xq + 32 * c, K, 1, NT, s16);
+                const __m256i sh = NIB_LOAD(nib_shift_pair[b]);
+                for (int t = 0; t < NT; t++) acc[t] = _mm256_add_epi32(acc[t], _mm256_sllv_epi32(widen16(s16[t]), sh));
+            }
+        }
+        for (int t = 0; t < NT; t++) y[(i + t) * ldy + r] = (float)hsum_i32(acc[t]) * (p.s[r] * x->d[i + t]);
+    }
+}
+
+QRZ_AVX2 static void sdr_matmul_i8_avx2(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,
+                                        int64_t ldy) {
+    NIB_DISPATCH(sdr_i8_rows, w, x, r0, r1, y, ldy)
+}
+
+/* SDR x SDR4_ROW: y = s_w s_x sum_g 2^(e_w,g + e_x,g) sum m_w m_x, the integer sum exact. The activation shift is a
+ * madd with 2^e_x (e_x <= 12, so 2^e_x fits an int16), the weight shift an sllv. Each shifted product is at most
+ * 2^22 in magnitude and a lane takes 4 per run; like the scalar kernel's int32 accumulator, the lanes move into
+ * int64 lanes after every 256 columns (8 runs; 8 to 15 runs when a group is 5 to 7 runs long), so no lane passes
+ * 2^28 and the total is the scalar kernel's. */
+QRZ_AVX2_INLINE void sdr_sdr4_group(const uint8_t *m, const int8_t *x, const uint8_t *xe, int64_t K, int64_t ng,
+                                    int32_t rpg, __m256i shw, const int NT, __m256i *acc) {
+    __m256i s16[4];   /* pair sums |.| <= 2 * 8 * 8, at most 8 runs */
+    nib_runs16(m, x, K, rpg, NT, s16);
+    for (int t = 0; t < NT; t++) {
+        const __m256i v = _mm256_madd_epi16(s16[t], NIB_LOAD(nib_pow_one[xe[t * ng] & 15]));
+        acc[t] = _mm256_add_epi32(acc[t], _mm256_sllv_epi32(v, shw));
+    }
+}
+
+QRZ_AVX2_INLINE void sdr_sdr4_flush(const int NT, __m256i *acc, __m256i *tot) {
+    for (int t = 0; t < NT; t++) { tot[t] = add_i32_to_i64(tot[t], acc[t]); acc[t] = _mm256_setzero_si256(); }
+}
+
+QRZ_AVX2_INLINE void sdr_sdr4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
+                                   float *y, int64_t ldy, const int NT, const int RPG) {
+    const sdr_view p = sdr_view_of(w);
+    const int32_t G = w->group, rpg = RPG > 0 ? RPG : G / 32;
+    const int64_t K = w->cols, ng = K / G;
+    const int8_t *xq = x->q + i * K;
+    const uint8_t *xe = x->e + i * ng;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *flags = p.e + r * p.fb, *mant = p.m + r * (K / 2);
+        __m256i acc[4], tot[4];
+        for (int t = 0; t < NT; t++) acc[t] = tot[t] = _mm256_setzero_si256();
+        if (RPG >= 0) {   /* groups of whole runs, two per flag byte; 256 columns are 8 runs */
+            const int64_t step_m = 16 * rpg, step_x = 32 * rpg;
+            int64_t g = 0;
+            int32_t held = 0;   /* runs in acc since it was last moved into tot */
+            for (; g + 2 <= ng; g += 2) {
+                const unsigned b = flags[g >> 1];
+                sdr_sdr4_group(mant + g * step_m, xq + g * step_x, xe + g, K, ng, rpg, NIB_LOAD(nib_shift_lo[b]), NT, acc);
+                if ((held += rpg) >= 8) { sdr_sdr4_flush(NT, acc, tot); held = 0; }
+                sdr_sdr4_group(mant + (g + 1) * step_m, xq + (g + 1) * step_x, xe + g + 1, K, ng, rpg,
+                               NIB_LOAD(nib_shift_hi[b]), NT, acc);
+                if ((held += rpg) >= 8) { sdr_sdr4_flush(NT, acc, tot); held = 0; }
+            }
+            if (g < ng)
+                sdr_sdr4_group(mant + g * step_m, xq + g * step_x, xe + g, K, ng, rpg, NIB_LOAD(nib_shift_lo[flags[g >> 1]]),
+                               NT, acc);
+        } else {          /* a shift per half run, 8 runs (256 columns) between flushes */
+            half_walk h = half_walk_start(G);
+            const int64_t runs = K / 32;
+            for (int64_t c0 = 0; c0 < runs; c0 += 8) {
+                const int64_t c1 = c0 + 8 < runs ? c0 + 8 : runs;
+                for (int64_t c = c0; c < c1; c++) {
+                    __m256i s16[4];
+                    nib_runs16(mant + 16 * c, xq + 32 * c, K, 1, NT, s16);
+                    if (RPG == -1) {   /* groups 2c and 2c + 1: flag byte c, and two adjacent activation shifts */
+                        const __m256i shw = NIB_LOAD(nib_shift_pair[flags[c]]);
+                        for (int t = 0; t < NT; t++) {
+                            uint16_t ex;   /* e[2c] | e[2c + 1] << 8, each below 16: as one byte of two nibbles */
+                            memcpy(&ex, xe + t * ng + 2 * c, 2);
+                            const __m256i pw = NIB_LOAD(nib_pow_pair[(ex | ex >> 4) & 255]);
+                            acc[t] = _mm256_add_epi32(acc[t], _mm256_sllv_epi32(_mm256_madd_epi16(s16[t], pw), shw));
+                        }
+                    } else {
+                        const int64_t glo = half_walk_next(&h), ghi = half_walk_next(&h);
+                        const __m256i shw = NIB_LOAD(nib_shift_pair[nib_shift(flags, glo) | nib_shift(flags, ghi) << 4]);
+                        for (int t = 0; t < NT; t++) {
+                            const uint8_t *et = xe + t * ng;
+                            const __m256i pw = NIB_LOAD(nib_pow_pair[(et[glo] & 15) | (et[ghi] & 15) << 4]);
+                            acc[t] = _mm256_add_epi32(acc[t], _mm256_sllv_epi32(_mm256_madd_epi16(s16[t], pw), shw));
+                        }
+                    }
+                }
+                sdr_sdr4_flush(NT, acc, tot);
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const int64_t total = hsum_i64(add_i32_to_i64(tot[t], acc[t]));
+            y[(i + t) * ldy + r] = (float)total * (p.s[r] * x->d[i + t]);
+        }
+    }
+}
+
+QRZ_AVX2 static void sdr_matmul_sdr4_avx2(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,
+                                          int64_t ldy) {
+    NIB_DISPATCH(sdr_sdr4_rows, w, x, r0, r1, y, ldy)
+}
+
+/* INT4 x Q8_GROUP or Q4_GROUP: an int32 sum per group (per half run for odd multiples of 16), one float
+ * multiply-add per group by d_w * d_x, like Q8. The products d_w * d_x are made eight groups at a time. */
+QRZ_AVX2_INLINE void int4_scales8(const uint16_t *wd, const float *xd, int64_t ng, int64_t g0, int64_t gn, const int NT,
+                                  float *sc) {
+    /* sc[8 t + j] = d_w * d_x of group g0 + j, activation row t */
+    if (gn == 8) {
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + g0)));
+        for (int t = 0; t < NT; t++) _mm256_storeu_ps(sc + 8 * t, _mm256_mul_ps(dw, _mm256_loadu_ps(xd + t * ng + g0)));
+    } else {
+        for (int64_t j = 0; j < gn; j++)
+            for (int t = 0; t < NT; t++) sc[8 * t + j] = _cvtsh_ss(wd[g0 + j]) * xd[t * ng + g0 + j];
+    }
+}
+
+/* groups of 16: run j of a block of four holds groups 2j and 2j + 1, whose scales a permute spreads over lanes
+ * 0-3 and 4-7 */
+QRZ_AVX2_INLINE void int4_run16(const uint8_t *m, const int8_t *x, int64_t K, const float *sc, int j, const int NT,
+                                __m256 *acc) {
+    __m256i s16[4];
+    nib_runs16(m, x, K, 1, NT, s16);
+    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(2 * j), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    for (int t = 0; t < NT; t++) {
+        const __m256 scale = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + 8 * t), idx);
+        acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(widen16(s16[t])), acc[t]);
+    }
+}
+QRZ_AVX2_INLINE void int4_group(const uint8_t *m, const int8_t *x, int64_t K, int32_t rpg, const int RPG,
+                                const float *sc, const int NT, __m256 *acc) {
+    __m256i s32[4];
+    if (RPG > 0) {
+        __m256i s16[4];
+        nib_runs16(m, x, K, RPG, NT, s16);
+        for (int t = 0; t < NT; t++) s32[t] = widen16(s16[t]);
+    } else {   /* any group size: int16 sums over at most 8 runs at a time */
+        for (int t = 0; t < NT; t++) s32[t] = _mm256_setzero_si256();
+        for (int32_t j0 = 0; j0 < rpg; j0 += 8) {
+            __m256i s16[4];
+            nib_runs16(m + 16 * j0, x + 32 * j0, K, rpg - j0 < 8 ? rpg - j0 : 8, NT, s16);
+            for (int t = 0; t < NT; t++) s32[t] = _mm256_add_epi32(s32[t], widen16(s16[t]));
+        }
+    }
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + 8 * t), _mm256_cvtepi32_ps(s32[t]), acc[t]);
+}
+
+QRZ_AVX2_INLINE void int4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
+                               float *y, int64_t ldy, const int NT, const int RPG) {
+    const int32_t G = w->group, rpg = RPG > 0 ? RPG : G / 32;
+    const int64_t K = w->cols, ng = K / G;
+    const uint16_t *scales = (const uint16_t *)w->data;
+    const uint8_t *mant_all = (const uint8_t *)w->data + nib_align((uint64_t)w->rows * ng * 2);
+    const int8_t *xq = x->q + i * K;
+    const float *xd = x->d + i * ng;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *wd = scales + r * ng;
+        const uint8_t *mant = mant_all + r * (K / 2);
+        __m256 acc[4], acc2[4];   /* a single activation row alternates two chains, to hide the FMA latency */
+        for (int t = 0; t < NT; t++) acc[t] = acc2[t] = _mm256_setzero_ps();
+        if (RPG >= 0) {
+            const int64_t step_m = 16 * rpg, step_x = 32 * rpg;
+            for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+                const int64_t gn = ng - g0 < 8 ? ng - g0 : 8;
+                float sc[4 * 8];
+                int4_scales8(wd, xd, ng, g0, gn, NT, sc);
+                int64_t j = 0;
+                for (; j + 2 <= gn; j += 2) {
+                    const int64_t g = g0 + j;
+                    int4_group(mant + g * step_m, xq + g * step_x, K, rpg, RPG, sc + j, NT, acc);
+                    int4_group(mant + (g + 1) * step_m, xq + (g + 1) * step_x, K, rpg, RPG, sc + j + 1, NT, NT == 1 ? acc2 : acc);
+                }
+                if (j < gn) int4_group(mant + (g0 + j) * step_m, xq + (g0 + j) * step_x, K, rpg, RPG, sc + j, NT, acc);
+            }
+        } else if (RPG == -1) {   /* eight groups are four runs; ng is even, as cols is a multiple of 32 */
+            for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+                const int64_t gn = ng - g0 < 8 ? ng - g0 : 8, c0 = g0 / 2;
+                float sc[4 * 8];
+                int4_scales8(wd, xd, ng, g0, gn, NT, sc);
+                int j = 0;
+                for (; 2 * j + 4 <= gn; j += 2) {
+                    int4_run16(mant + 16 * (c0 + j), xq + 32 * (c0 + j), K, sc, j, NT, acc);
+                    int4_run16(mant + 16 * (c0 + j + 1), xq + 32 * (c0 + j + 1), K, sc, j + 1, NT, NT == 1 ? acc2 : acc);
+                }
+                if (2 * j < gn) int4_run16(mant + 16 * (c0 + j), xq + 32 * (c0 + j), K, sc, j, NT, acc);
+            }
+        } else {
+            half_walk h = half_walk_start(G);
+            for (int64_t c = 0; c < K / 32; c++) {
+                const int64_t glo = half_walk_next(&h), ghi = half_walk_next(&h);
+                const float dlo = _cvtsh_ss(wd[glo]), dhi = _cvtsh_ss(wd[ghi]);
+                __m256i s16[4];
+                nib_runs16(mant + 16 * c, xq + 32 * c, K, 1, NT, s16);
+                for (int t = 0; t < NT; t++) {
+                    const float *dt = xd + t * ng;
+                    const __m256 sc = _mm256_set_m128(_mm_set1_ps(dhi * dt[ghi]), _mm_set1_ps(dlo * dt[glo]));
+                    acc[t] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(widen16(s16[t])), acc[t]);
+                }
+            }
+        }
+        for (int t = 0; t < NT; t++) y[(i + t) * ldy + r] = hsum8(NT == 1 ? _mm256_add_ps(acc[t], acc2[t]) : acc[t]);
+    }
+}
+
+QRZ_AVX2 static void int4_matmul_avx2(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,
+                                      int64_t ldy) {
+    NIB_DISPATCH(int4_rows, w, x, r0, r1, y, ldy)
+}
+
 /* ---- attention vectors ---- */
 QRZ_AVX2 static float dot_avx2(const float *a, const float *b, int n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
@@ -201,10 +579,242 @@ QRZ_AVX2 static void axpy_avx2(float *y, float a, const float *x, int n) {
 
 void qrz_register_avx2(void) {
     qrz_vec[QRZ_ISA_AVX2] = (qrz_vec_ops){dot_avx2, axpy_avx2};
-    qrz_types[QRZ_TYPE_F32].matmul[QRZ_ISA_AVX2] = f32_matmul_avx2;
-    qrz_types[QRZ_TYPE_F16].matmul[QRZ_ISA_AVX2] = f16_matmul_avx2;
-    qrz_types[QRZ_TYPE_Q8].matmul[QRZ_ISA_AVX2] = q8_matmul_avx2;
+    qrz_register_kv_avx2();     /* KV cache rows: the last section of this file */
+    qrz_types[QRZ_TYPE_F32].matmul[0][QRZ_ISA_AVX2] = f32_matmul_avx2;
+    qrz_types[QRZ_TYPE_F16].matmul[0][QRZ_ISA_AVX2] = f16_matmul_avx2;
+    qrz_types[QRZ_TYPE_Q8].matmul[0][QRZ_ISA_AVX2] = q8_matmul_avx2;
+    nib_tables_init();
+    qrz_types[QRZ_TYPE_SDR].matmul[0][QRZ_ISA_AVX2] = sdr_matmul_i8_avx2;
+    qrz_types[QRZ_TYPE_SDR].matmul[1][QRZ_ISA_AVX2] = sdr_matmul_sdr4_avx2;
+    qrz_types[QRZ_TYPE_INT4].matmul[0][QRZ_ISA_AVX2] = int4_matmul_avx2;
+    qrz_types[QRZ_TYPE_INT4].matmul[1][QRZ_ISA_AVX2] = int4_matmul_avx2;
 }
 #else
 void qrz_register_avx2(void) {}
+#endif
+
+/* ==== KV cache rows: f16, 8bit and 4bit SDR (kvcache.c has the row layouts and the scalar reference) ====
+ * dot and axpy decode a row eight values at a time into floats and use FMA, so they differ from the scalar ones only
+ * by the order of float additions; stores give the scalar ones' bytes exactly (IEEE division, round half to even,
+ * F16C's round-to-nearest-even conversion). */
+#if defined(__x86_64__) || defined(__i386__)
+#include <math.h>
+
+static inline float kv_get_f32(const void *p) { float f; memcpy(&f, p, sizeof f); return f; }
+
+QRZ_AVX2 static inline __m256 kv_i8x8_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+/* ---- f16 ---- */
+QRZ_AVX2 static void kv_f16_store_avx2(void *row, const float *x, int n) {
+    uint16_t *h = row;
+    const __m256 lo = _mm256_set1_ps(-65504.0f), hi = _mm256_set1_ps(65504.0f);
+    int k = 0;
+    for (; k + 8 <= n; k += 8) {
+        const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_loadu_ps(x + k), lo), hi);
+        _mm_storeu_si128((__m128i *)(h + k), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; k < n; k++) h[k] = qrz_f32_to_f16(fminf(65504.0f, fmaxf(-65504.0f, x[k])));
+}
+
+QRZ_AVX2 static inline __m256 kv_load_f16x8(const uint16_t *h) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+}
+
+QRZ_AVX2 static float kv_f16_dot_avx2(const float *q, const void *row, int n) {
+    const uint16_t *h = row;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int k = 0;
+    for (; k + 16 <= n; k += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), kv_load_f16x8(h + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k + 8), kv_load_f16x8(h + k + 8), a1);
+    }
+    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), kv_load_f16x8(h + k), a0);
+    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (; k < n; k++) s += q[k] * _cvtsh_ss(h[k]);
+    return s;
+}
+
+QRZ_AVX2 static void kv_f16_axpy_avx2(float *y, float a, const void *row, int n) {
+    const uint16_t *h = row;
+    const __m256 av = _mm256_set1_ps(a);
+    int k = 0;
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(y + k, _mm256_fmadd_ps(av, kv_load_f16x8(h + k), _mm256_loadu_ps(y + k)));
+    for (; k < n; k++) y[k] += a * _cvtsh_ss(h[k]);
+}
+
+/* ---- 8bit: [float32 s][int8 codes] ---- */
+QRZ_AVX2 static float kv_absmax_avx2(const float *x, int n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= n; k += 8) mx = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)), mx);
+    __m128 r = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_max_ss(r, _mm_movehdup_ps(r));
+    float amax = _mm_cvtss_f32(r);
+    for (; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
+    return amax;
+}
+
+QRZ_AVX2 static void kv_q8_store_avx2(void *row, const float *x, int n) {
+    const float s = kv_absmax_avx2(x, n) / 127.0f;
+    int8_t *c = (int8_t *)row + 4;
+    memcpy(row, &s, sizeof s);
+    if (!(s > 0.0f)) { memset(c, 0, (size_t)n); return; }
+    const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    int k = 0;
+    for (; k + 8 <= n; k += 8) {
+        const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), sv), lo), hi);
+        const __m256i i32 = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storel_epi64((__m128i *)(c + k), _mm_packs_epi16(i16, i16));
+    }
+    for (; k < n; k++) c[k] = (int8_t)nearbyintf(fminf(127.0f, fmaxf(-127.0f, x[k] / s)));
+}
+
+QRZ_AVX2 static float kv_q8_dot_avx2(const float *q, const void *row, int n) {
+    const int8_t *c = (const int8_t *)row + 4;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int k = 0;
+    for (; k + 16 <= n; k += 16) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(c + k));
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), kv_i8x8_ps(v), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k + 8), kv_i8x8_ps(_mm_srli_si128(v, 8)), a1);
+    }
+    for (; k + 8 <= n; k += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), kv_i8x8_ps(_mm_loadl_epi64((const __m128i *)(c + k))), a0);
+    float sum = hsum8(_mm256_add_ps(a0, a1));
+    for (; k < n; k++) sum += q[k] * (float)c[k];
+    return sum * kv_get_f32(row);
+}
+
+QRZ_AVX2 static void kv_q8_axpy_avx2(float *y, float a, const void *row, int n) {
+    const int8_t *c = (const int8_t *)row + 4;
+    const float as = a * kv_get_f32(row);
+    const __m256 av = _mm256_set1_ps(as);
+    int k = 0;
+    for (; k + 8 <= n; k += 8)
+        _mm256_storeu_ps(y + k, _mm256_fmadd_ps(av, kv_i8x8_ps(_mm_loadl_epi64((const __m128i *)(c + k))),
+                                                _mm256_loadu_ps(y + k)));
+    for (; k < n; k++) y[k] += as * (float)c[k];
+}
+
+/* ---- 4bit SDR: [float32 s][shift nibbles][mantissa nibbles, value k in byte k/2, low nibble when k is even] ---- */
+/* the mantissas of 16 values (8 bytes) or 8 values (4 bytes) as int8 in -8..7, in value order */
+QRZ_AVX2 static inline __m128i kv_nibbles_i8(__m128i b) {
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    return _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), _mm_set1_epi8(8));
+}
+QRZ_AVX2 static inline __m128i kv_nib16(const uint8_t *p) { return kv_nibbles_i8(_mm_loadl_epi64((const __m128i *)p)); }
+QRZ_AVX2 static inline __m128i kv_nib8(const uint8_t *p) {
+    int32_t w;
+    memcpy(&w, p, sizeof w);
+    return kv_nibbles_i8(_mm_cvtsi32_si128(w));
+}
+static inline int kv_nibble(const uint8_t *p, int k) { return (p[k >> 1] >> ((k & 1) * 4)) & 15; }
+
+QRZ_AVX2 static float kv_sdr4_dot_avx2(const float *q, const void *row, int n) {
+    const int G = qrz_kv_sdr_group(n), ng = (n + G - 1) / G;
+    const uint8_t *e = (const uint8_t *)row + 4, *m = e + (ng + 1) / 2;
+    __m256 acc = _mm256_setzero_ps();
+    float tail = 0.0f;
+    for (int g = 0; g < ng; g++) {      /* group starts are even: G is even unless there is a single group */
+        const int k1 = n - g * G < G ? n : g * G + G;
+        int k = g * G;
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+        for (; k + 16 <= k1; k += 16) {
+            const __m128i v = kv_nib16(m + k / 2);
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), kv_i8x8_ps(v), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k + 8), kv_i8x8_ps(_mm_srli_si128(v, 8)), s1);
+        }
+        if (k + 8 <= k1) { s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), kv_i8x8_ps(kv_nib8(m + k / 2)), s0); k += 8; }
+        float rest = 0.0f;
+        for (; k < k1; k++) rest += q[k] * (float)(kv_nibble(m, k) - 8);
+        const float scale = (float)(1 << kv_nibble(e, g));
+        acc = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(scale), acc);
+        tail += rest * scale;
+    }
+    return (hsum8(acc) + tail) * kv_get_f32(row);
+}
+
+QRZ_AVX2 static void kv_sdr4_axpy_avx2(float *y, float a, const void *row, int n) {
+    const int G = qrz_kv_sdr_group(n), ng = (n + G - 1) / G;
+    const uint8_t *e = (const uint8_t *)row + 4, *m = e + (ng + 1) / 2;
+    const float as = a * kv_get_f32(row);
+    for (int g = 0; g < ng; g++) {
+        const int k1 = n - g * G < G ? n : g * G + G;
+        int k = g * G;
+        const float c = as * (float)(1 << kv_nibble(e, g));
+        const __m256 cv = _mm256_set1_ps(c);
+        for (; k + 16 <= k1; k += 16) {
+            const __m128i v = kv_nib16(m + k / 2);
+            _mm256_storeu_ps(y + k, _mm256_fmadd_ps(cv, kv_i8x8_ps(v), _mm256_loadu_ps(y + k)));
+            _mm256_storeu_ps(y + k + 8, _mm256_fmadd_ps(cv, kv_i8x8_ps(_mm_srli_si128(v, 8)), _mm256_loadu_ps(y + k + 8)));
+        }
+        if (k + 8 <= k1) {
+            _mm256_storeu_ps(y + k, _mm256_fmadd_ps(cv, kv_i8x8_ps(kv_nib8(m + k / 2)), _mm256_loadu_ps(y + k)));
+            k += 8;
+        }
+        for (; k < k1; k++) y[k] += c * (float)(kv_nibble(m, k) - 8);
+    }
+}
+
+/* the razor of one group, as the scalar store: base codes b (SIMD, as the 8bit store), e from the OR of |b| (the same
+ * leading one as the max), mantissas round(b / 2^e) clamped to -8..7 (SIMD), packed two per byte */
+QRZ_AVX2 static void kv_sdr4_store_avx2(void *row, const float *x, int n) {
+    const int G = qrz_kv_sdr_group(n), ng = (n + G - 1) / G;
+    const float s = kv_absmax_avx2(x, n) / 127.0f;
+    uint8_t *e = (uint8_t *)row + 4, *m = e + (ng + 1) / 2;
+    memcpy(row, &s, sizeof s);
+    memset(e, 0, (size_t)(ng + 1) / 2 + (size_t)(n + 1) / 2);
+    const __m256 sv = _mm256_set1_ps(s), b_lo = _mm256_set1_ps(-127.0f), b_hi = _mm256_set1_ps(127.0f),
+                 m_lo = _mm256_set1_ps(-8.0f), m_hi = _mm256_set1_ps(7.0f);
+    const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int g = 0; g < ng; g++) {
+        const int k0 = g * G, len = n - k0 < G ? n - k0 : G;
+        int8_t b[32];
+        uint8_t u[32];                                        /* mantissa + 8, value order */
+        int k = 0;
+        if (s > 0.0f) {
+            for (; k + 8 <= len; k += 8) {
+                const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + k0 + k), sv), b_lo), b_hi);
+                const __m256i i32 = _mm256_cvtps_epi32(_mm256_round_ps(v, rnd));
+                const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+                _mm_storel_epi64((__m128i *)(b + k), _mm_packs_epi16(i16, i16));
+            }
+            for (; k < len; k++) b[k] = (int8_t)nearbyintf(fminf(127.0f, fmaxf(-127.0f, x[k0 + k] / s)));
+        } else {
+            memset(b, 0, (size_t)len);
+        }
+        int mx = 0;
+        for (k = 0; k < len; k++) mx |= b[k] < 0 ? -b[k] : b[k];
+        int lead = 0;
+        while (mx >> (lead + 1)) lead++;
+        const int shift = lead > 2 ? lead - 2 : 0;
+        e[g >> 1] |= (uint8_t)(shift << ((g & 1) * 4));
+        const float step = 1.0f / (float)(1 << shift);
+        const __m256 stepv = _mm256_set1_ps(step);
+        for (k = 0; k + 8 <= len; k += 8) {
+            const __m256 bf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + k))));
+            const __m256 mf = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_mul_ps(bf, stepv), rnd), m_lo), m_hi);
+            const __m256i i32 = _mm256_add_epi32(_mm256_cvtps_epi32(mf), _mm256_set1_epi32(8));
+            const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+            _mm_storel_epi64((__m128i *)(u + k), _mm_packus_epi16(i16, i16));
+        }
+        for (; k < len; k++) u[k] = (uint8_t)((int)fminf(7.0f, fmaxf(-8.0f, nearbyintf((float)b[k] * step))) + 8);
+        /* pairs (u[2j], u[2j+1]) -> u[2j] + 16 u[2j+1]; group starts are even (see the dot) */
+        for (k = 0; k + 16 <= len; k += 16) {
+            const __m128i pairs = _mm_maddubs_epi16(_mm_loadu_si128((const __m128i *)(u + k)), _mm_set1_epi16(0x1001));
+            _mm_storel_epi64((__m128i *)(m + (k0 + k) / 2), _mm_packus_epi16(pairs, pairs));
+        }
+        for (; k < len; k++) m[(k0 + k) >> 1] |= (uint8_t)(u[k] << (((k0 + k) & 1) * 4));
+    }
+}
+
+void qrz_register_kv_avx2(void) {
+    qrz_kv[QRZ_KV_CACHE_F16][QRZ_ISA_AVX2] = (qrz_kv_ops){kv_f16_store_avx2, kv_f16_dot_avx2, kv_f16_axpy_avx2};
+    qrz_kv[QRZ_KV_CACHE_Q8][QRZ_ISA_AVX2] = (qrz_kv_ops){kv_q8_store_avx2, kv_q8_dot_avx2, kv_q8_axpy_avx2};
+    qrz_kv[QRZ_KV_CACHE_SDR4][QRZ_ISA_AVX2] = (qrz_kv_ops){kv_sdr4_store_avx2, kv_sdr4_dot_avx2, kv_sdr4_axpy_avx2};
+}
 #endif

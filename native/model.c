@@ -203,25 +203,28 @@ static int bind_weights(qrz_context *c, char *err, size_t cap) {
 
 /* KV cache: a global layer keeps every context position; a sliding layer keeps its window plus one batch, so a
  * batch's keys can be written before any of its queries read (the oldest key a batch still needs is then never
- * overwritten) and the sequence can be cut back by up to a batch without losing what the continuation needs */
+ * overwritten) and the sequence can be cut back by up to a batch without losing what the continuation needs.
+ * A slot holds one row per kv head, in the context's row type (kvcache.c). */
 static int kv_cache_new(qrz_context *c) {
-    const uint64_t KV = (uint64_t)c->n_kv_heads * c->head_dim;
+    c->kv_row_bytes = (size_t)qrz_kv_row_bytes(c->kv_type, c->head_dim);
+    c->kv_ops = qrz_kv_ops_for(c->kv_type, c->isa);
+    const uint64_t slot_bytes = (uint64_t)c->n_kv_heads * c->kv_row_bytes;
     uint64_t total = 0;
     for (int l = 0; l < c->n_layers; l++) {
         qrz_layer *L = &c->layers[l];
         const int64_t ring = (int64_t)L->window + c->n_batch;
         L->kv_slots = L->window && ring < c->n_ctx ? (int32_t)ring : c->n_ctx;
-        total += 2 * (uint64_t)L->kv_slots * KV;
+        total += 2 * (uint64_t)L->kv_slots * slot_bytes;
     }
     /* calloc'd: the OS maps zero pages lazily, so an unused context costs address space, not memory */
-    c->kv = calloc(total, sizeof(float));
+    c->kv = calloc(total, 1);
     if (!c->kv) return QRZ_ERR_MEMORY;
-    c->kv_floats = total;
-    float *p = c->kv;
+    c->kv_bytes = total;
+    uint8_t *p = c->kv;
     for (int l = 0; l < c->n_layers; l++) {
         qrz_layer *L = &c->layers[l];
-        L->k_cache = p; p += (uint64_t)L->kv_slots * KV;
-        L->v_cache = p; p += (uint64_t)L->kv_slots * KV;
+        L->k_cache = p; p += (uint64_t)L->kv_slots * slot_bytes;
+        L->v_cache = p; p += (uint64_t)L->kv_slots * slot_bytes;
     }
     return QRZ_OK;
 }
@@ -247,17 +250,26 @@ void qrz_context_free(qrz_context *c) {
     free(c->inv_freq); free(c->inv_freq_local);
     free(c->rope_cos); free(c->rope_sin);
     free(c->x); free(c->xb); free(c->q); free(c->k); free(c->v); free(c->att); free(c->hb); free(c->hb2);
-    free(c->scores); free(c->act_q); free(c->act_d); free(c->logits); free(c->tokens);
+    free(c->scores); free(c->act_q); free(c->act_d); free(c->act_e); free(c->logits); free(c->tokens);
     free(c);
 }
 
 int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context **out, char *err, size_t cap) {
     if (!model || !out) { qrz_set_error(err, cap, "model and out must not be NULL"); return QRZ_ERR_ARG; }
     *out = NULL;
-    qrz_context_params dp = {0, 0, 0, QRZ_ISA_BEST};
+    qrz_context_params dp = {0, 0, 0, QRZ_ISA_BEST, 0, QRZ_KV_CACHE_F32};
     if (!p) p = &dp;
     if (p->n_ctx < 0 || p->n_threads < 0 || p->n_batch < 0) {
         qrz_set_error(err, cap, "n_ctx, n_threads and n_batch must be >= 0 (0 picks the default)");
+        return QRZ_ERR_ARG;
+    }
+    if (p->act_bits != 0 && p->act_bits != 8 && p->act_bits != 4) {
+        qrz_set_error(err, cap, "act_bits must be 0 (default), 8 or 4, got %d", p->act_bits);
+        return QRZ_ERR_ARG;
+    }
+    if (p->kv_cache < 0 || p->kv_cache >= QRZ_KV_CACHE_COUNT) {
+        qrz_set_error(err, cap, "kv_cache must be a qrz_kv_cache_type (0 f32, 1 f16, 2 8bit, 3 4bit), got %d",
+                      p->kv_cache);
         return QRZ_ERR_ARG;
     }
     int isa = p->isa == QRZ_ISA_BEST ? qrz_isa_default() : p->isa;
@@ -270,6 +282,8 @@ int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context *
     if (!c) { qrz_set_error(err, cap, "out of memory"); return QRZ_ERR_MEMORY; }
     c->model = model;
     c->isa = isa;
+    c->act_bits = p->act_bits ? p->act_bits : 8;
+    c->kv_type = p->kv_cache;
     int rc;
     if ((rc = read_hparams(c, err, cap)) || (rc = bind_weights(c, err, cap))) goto fail;
     uint32_t n_ctx_train = 0;
@@ -300,15 +314,17 @@ int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context *
     c->scores = malloc((size_t)qrz_pool_size(c->pool) * c->n_ctx * sizeof(float));
     c->act_q = malloc(B * max_cols);
     c->act_d = malloc(B * max_cols * sizeof(float));
+    c->act_e = malloc(B * max_cols);
     c->logits = malloc((size_t)QRZ_LOGIT_ROWS * c->n_vocab * sizeof(float));
     c->tokens = malloc((size_t)c->n_ctx * sizeof(int32_t));
     if (rc || !c->pool || !c->rope_cos || !c->rope_sin || !c->x || !c->xb || !c->q || !c->k || !c->v || !c->att ||
-        !c->hb || !c->hb2 || !c->scores || !c->act_q || !c->act_d || !c->logits || !c->tokens) {
+        !c->hb || !c->hb2 || !c->scores || !c->act_q || !c->act_d || !c->act_e || !c->logits || !c->tokens) {
         qrz_set_error(err, cap, "out of memory allocating a context of %d tokens; pass a smaller ctx", c->n_ctx);
         rc = QRZ_ERR_MEMORY;
         goto fail;
     }
-    qrz_log(20, "context: %d tokens, %d threads, %s kernels", c->n_ctx, qrz_pool_size(c->pool), qrz_isa_name(isa));
+    qrz_log(20, "context: %d tokens, %d threads, %s kernels, %s KV cache of %.1f MiB", c->n_ctx, qrz_pool_size(c->pool),
+            qrz_isa_name(isa), qrz_kv_names[c->kv_type], (double)c->kv_bytes / (1 << 20));
     *out = c;
     return QRZ_OK;
 fail:
@@ -320,7 +336,7 @@ int32_t qrz_context_n_ctx(const qrz_context *c) { return c->n_ctx; }
 int32_t qrz_context_n_vocab(const qrz_context *c) { return c->n_vocab; }
 int32_t qrz_context_n_threads(const qrz_context *c) { return qrz_pool_size(c->pool); }
 int32_t qrz_context_n_past(const qrz_context *c) { return c->n_past; }
-uint64_t qrz_context_kv_bytes(const qrz_context *c) { return c->kv_floats * sizeof(float); }
+uint64_t qrz_context_kv_bytes(const qrz_context *c) { return c->kv_bytes; }
 void qrz_context_reset(qrz_context *c) { c->n_past = 0; }
 
 /* ---- matmul on the thread pool ---- */
@@ -340,14 +356,11 @@ static void matmul_task(void *arg, int ith, int nth) {
     const int64_t end = r1 < job->w->rows ? r1 : job->w->rows;
     /* cache blocking for prompts: a block of weight rows stays in L1/L2 while a block of activation rows
      * streams past it, instead of every weight row meeting the whole batch */
-    const int64_t ROWS = 16, ACTS = 64, n = job->acts.n, cols = job->acts.cols, ng = cols / (job->acts.group ? job->acts.group : 1);
+    const int64_t ROWS = 16, ACTS = 64, n = job->acts.n;
     for (int64_t rb = r0; rb < end; rb += ROWS) {
         const int64_t re = rb + ROWS < end ? rb + ROWS : end;
         for (int64_t ib = 0; ib < n; ib += ACTS) {
-            qrz_acts sub = job->acts;
-            sub.n = n - ib < ACTS ? n - ib : ACTS;
-            sub.f32 += ib * cols;
-            if (sub.q) { sub.q += ib * cols; sub.d += ib * ng; }
+            const qrz_acts sub = qrz_acts_rows(&job->acts, ib, n - ib < ACTS ? n - ib : ACTS);
             job->fn(job->w, &sub, rb, re, job->y + ib * job->ldy, job->ldy);
         }
     }
@@ -355,12 +368,10 @@ static void matmul_task(void *arg, int ith, int nth) {
 
 /* y[n][w->rows] = x[n][w->cols] W^T */
 static void matmul(qrz_context *c, const qrz_weight *w, const float *x, int64_t n, float *y) {
-    matmul_job job = {w, {n, w->cols, x, NULL, NULL, w->group}, y, w->rows, qrz_matmul_for(w->type, c->isa)};
-    if (qrz_types[w->type].int8_acts) {
-        qrz_quantize_acts_q8(x, n, w->cols, w->group, c->act_q, c->act_d);
-        job.acts.q = c->act_q;
-        job.acts.d = c->act_d;
-    }
+    const int path = qrz_act_path(w->type, c->act_bits);
+    matmul_job job = {w, {n, w->cols, x, qrz_types[w->type].acts[path], c->act_q, c->act_d, c->act_e, w->group},
+                      y, w->rows, qrz_matmul_for(w->type, path, c->isa)};
+    qrz_quantize_acts(&job.acts);
     qrz_pool_run(c->pool, matmul_task, &job);
 }
 
@@ -413,22 +424,25 @@ typedef struct {
     int n, pos0;
 } attention_job;
 
+/* keys and values are read row by row from the cache in its own type: kv_ops.dot and kv_ops.axpy decode a row as
+ * they go, so a quantized cache is never expanded into floats */
 static void attention_task(void *arg, int ith, int nth) {
     const attention_job *job = arg;
     qrz_context *c = job->c;
     const qrz_layer *L = job->L;
-    const int hd = c->head_dim, KV = c->n_kv_heads * hd, group = c->n_heads / c->n_kv_heads, slots = L->kv_slots;
+    const int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, slots = L->kv_slots;
+    const size_t row = c->kv_row_bytes, slot_bytes = (size_t)c->n_kv_heads * row;
     float *scores = c->scores + (size_t)ith * c->n_ctx;
-    const qrz_vec_ops *vec = &qrz_vec[c->isa];
+    const qrz_kv_ops *kv = &c->kv_ops;
     const int total = job->n * c->n_heads;
     for (int job_i = ith; job_i < total; job_i += nth) {
         const int i = job_i / c->n_heads, h = job_i % c->n_heads, pos = job->pos0 + i;
         const int first = L->window && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0, span = pos - first + 1;
         const float *q = c->q + ((size_t)i * c->n_heads + h) * hd;
-        const size_t head = (size_t)(h / group) * hd;
+        const size_t head = (size_t)(h / group) * row;
         float maxs = -INFINITY;
         for (int t = 0, slot = first % slots; t < span; t++, slot = slot + 1 == slots ? 0 : slot + 1) {
-            scores[t] = vec->dot(q, L->k_cache + (size_t)slot * KV + head, hd) * c->attn_scale;
+            scores[t] = kv->dot(q, L->k_cache + (size_t)slot * slot_bytes + head, hd) * c->attn_scale;
             if (scores[t] > maxs) maxs = scores[t];
         }
         float sum = 0.0f;
@@ -437,7 +451,7 @@ static void attention_task(void *arg, int ith, int nth) {
         float *out = c->att + ((size_t)i * c->n_heads + h) * hd;
         memset(out, 0, hd * sizeof(float));
         for (int t = 0, slot = first % slots; t < span; t++, slot = slot + 1 == slots ? 0 : slot + 1)
-            vec->axpy(out, scores[t] * inv, L->v_cache + (size_t)slot * KV + head, hd);
+            kv->axpy(out, scores[t] * inv, L->v_cache + (size_t)slot * slot_bytes + head, hd);
     }
 }
 
@@ -484,9 +498,12 @@ int qrz_forward(qrz_context *c, const int32_t *tokens, int32_t n) {
             const float *cs = c->rope_cos + table + (size_t)i * half, *sn = c->rope_sin + table + (size_t)i * half;
             rope(c, q, c->n_heads, cs, sn);
             rope(c, k, c->n_kv_heads, cs, sn);
-            const size_t slot = (size_t)((pos0 + i) % L->kv_slots);
-            memcpy(L->k_cache + slot * KV, k, KV * sizeof(float));
-            memcpy(L->v_cache + slot * KV, v, KV * sizeof(float));
+            /* k after RoPE, v as is, one row per kv head in the cache's type */
+            const size_t slot = (size_t)((pos0 + i) % L->kv_slots) * c->n_kv_heads;
+            for (int h = 0; h < c->n_kv_heads; h++) {
+                c->kv_ops.store(L->k_cache + (slot + h) * c->kv_row_bytes, k + (size_t)h * hd, hd);
+                c->kv_ops.store(L->v_cache + (slot + h) * c->kv_row_bytes, v + (size_t)h * hd, hd);
+            }
         }
         attention_job aj = {c, L, n, pos0};
         qrz_pool_run(c->pool, attention_task, &aj);

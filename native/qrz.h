@@ -35,7 +35,12 @@ typedef enum {
     QRZ_KV_I64 = 11, QRZ_KV_F64 = 12
 } qrz_kv_type;
 
-typedef enum { QRZ_TYPE_F32 = 0, QRZ_TYPE_F16 = 1, QRZ_TYPE_Q8 = 2, QRZ_TYPE_COUNT = 3 } qrz_tensor_type;
+typedef enum {
+    QRZ_TYPE_F32 = 0, QRZ_TYPE_F16 = 1, QRZ_TYPE_Q8 = 2, QRZ_TYPE_SDR = 3, QRZ_TYPE_INT4 = 4, QRZ_TYPE_COUNT = 5
+} qrz_tensor_type;
+
+/* how a context stores its KV cache: float32, float16, int8 per (token, head) absmax, or QRazor SDR 4-bit */
+typedef enum { QRZ_KV_CACHE_F32 = 0, QRZ_KV_CACHE_F16 = 1, QRZ_KV_CACHE_Q8 = 2, QRZ_KV_CACHE_SDR4 = 3 } qrz_kv_cache_type;
 
 /* instruction sets a kernel can run on; QRZ_ISA_BEST picks what the CPU has (see qrz_isa_name) */
 typedef enum { QRZ_ISA_BEST = -1, QRZ_ISA_SCALAR = 0, QRZ_ISA_AVX2 = 1, QRZ_ISA_NEON = 2 } qrz_isa;
@@ -93,6 +98,9 @@ typedef struct {
     int32_t n_threads;      /* 0 = number of physical cores */
     int32_t n_batch;        /* prompt tokens per forward pass; 0 = 256 */
     int32_t isa;            /* qrz_isa; QRZ_ISA_BEST normally */
+    int32_t act_bits;       /* activations of quantized matmuls: 0 or 8 = 8-bit, 4 = 4-bit where the weight
+                               format has a 4-bit path (others, e.g. a q8 output head, keep 8-bit) */
+    int32_t kv_cache;       /* qrz_kv_cache_type */
 } qrz_context_params;
 
 int qrz_context_new(qrz_model *model, const qrz_context_params *params, qrz_context **out,
@@ -160,12 +168,22 @@ int64_t qrz_detokenize(const qrz_model *model, const int32_t *tokens, int32_t n,
 /* ---- kernels, exposed so tests can check every ISA against numpy ---- */
 /* bytes a (rows, cols) tensor of this type takes; 0 if the shape or group size is invalid for the type */
 uint64_t qrz_tensor_nbytes(int type, int64_t rows, int64_t cols, int32_t group_size);
-/* y[n x rows] = x[n x cols] · W^T, W given as the raw bytes of a tensor of this type */
-int qrz_kernel_matmul(int isa, int type, int32_t group_size, const void *w, int64_t rows, int64_t cols,
-                      const float *x, int64_t n, float *y);
+/* y[n x rows] = x[n x cols] · W^T, W given as the raw bytes of a tensor of this type; act_bits 8 or 4 chooses
+ * how x is quantized for integer kernels (ignored by float types) */
+int qrz_kernel_matmul(int isa, int type, int32_t group_size, int32_t act_bits, const void *w, int64_t rows,
+                      int64_t cols, const float *x, int64_t n, float *y);
 /* out[cols] = row r of W as float */
 int qrz_kernel_dequant_row(int type, int32_t group_size, const void *w, int64_t rows, int64_t cols,
                            int64_t r, float *out);
+/* bytes of one KV cache row (one position, one kv head: head_dim values) of a qrz_kv_cache_type; 0 if invalid.
+ * A context's qrz_context_kv_bytes is 2 (k and v) x n_kv_heads x this, summed over every layer's slots. */
+uint64_t qrz_kv_row_bytes(int kv_type, int32_t head_dim);
+/* KV cache rows with one ISA's kernels: stores x[n_rows x head_dim] as rows of kv_type into raw (n_rows x
+ * qrz_kv_row_bytes bytes), then for each row i in order: rows_out[i] = 0 + 1 * row (the row as float, through
+ * axpy), dots[i] = q . row, axpy_out[head_dim] += a[i] * row. raw, rows_out, dots (with q) and axpy_out (with a)
+ * may each be NULL. */
+int qrz_kernel_kv_rows(int isa, int kv_type, int32_t head_dim, const float *x, int32_t n_rows, const float *q,
+                       const float *a, uint8_t *raw, float *rows_out, float *dots, float *axpy_out);
 
 #ifdef __cplusplus
 }

@@ -58,33 +58,53 @@ typedef struct {
     const void *data;             /* the tensor's bytes */
 } qrz_weight;
 
+/* How a matmul's input rows are quantized for its weight format's integer kernels (docs/QUANTIZATION.md). */
+typedef enum {
+    QRZ_ACTS_F32 = 0,     /* float rows, no quantization (float weight types) */
+    QRZ_ACTS_Q8_GROUP,    /* int8 per group of `group`: d[n][ng] = absmax/127 */
+    QRZ_ACTS_Q4_GROUP,    /* int4 (in int8 bytes) per group: d[n][ng] = absmax/7, q in -8..7 */
+    QRZ_ACTS_I8_ROW,      /* int8 per row: d[n] = absmax/127 */
+    QRZ_ACTS_SDR4_ROW,    /* QRazor SDR from an int16 base per row: d[n] = absmax/32767, e[n][ng] in 0..12, q in -8..7 */
+    QRZ_ACTS_COUNT
+} qrz_acts_kind;
+
 /* Activations prepared for one weight type: f32 rows, and for integer kernels the same rows quantized. */
 typedef struct {
     int64_t n, cols;
     const float *f32;             /* [n][cols] */
-    int8_t *q;                    /* [n][cols]   when the type wants int8 activations */
-    float *d;                     /* [n][cols/group] their scales */
+    int kind;                     /* qrz_acts_kind */
+    int8_t *q;                    /* [n][cols]   codes (int8, or 4-bit values one per byte) */
+    float *d;                     /* scales: [n][cols/group] for group kinds, [n] for row kinds */
+    uint8_t *e;                   /* [n][cols/group] SDR shifts (SDR4_ROW only) */
     int32_t group;
 } qrz_acts;
+
+/* the same activations, rows [i0, i0 + n) */
+qrz_acts qrz_acts_rows(const qrz_acts *a, int64_t i0, int64_t n);
+/* scales per activation row: 1 for row kinds, cols/group for group kinds */
+int64_t qrz_acts_scales_per_row(int kind, int64_t cols, int32_t group);
+/* quantizes x[n][cols] into a->q/d/e as a->kind says (the buffers must be allocated); scalar, the reference */
+void qrz_quantize_acts(qrz_acts *a);
 
 /* y[i*ldy + r] = dot(W row r, activation row i) for rows r in [r0, r1), all n activation rows */
 typedef void (*qrz_matmul_fn)(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1,
                               float *y, int64_t ldy);
 
+/* One row per tensor type. A type has up to two activation paths: [0] for 8-bit (and float types' only path),
+ * [1] for 4-bit; acts[1] == QRZ_ACTS_COUNT where the type has no 4-bit path (it then uses [0]). */
 typedef struct {
     const char *name;
-    bool int8_acts;               /* the kernels want activations as int8 groups (qrz_quantize_acts_q8) */
+    int acts[2];                  /* qrz_acts_kind of each path */
     uint64_t (*nbytes)(int64_t rows, int64_t cols, int32_t group);
     void (*dequant_row)(const qrz_weight *w, int64_t r, float *out);
-    qrz_matmul_fn matmul[QRZ_ISA_COUNT];   /* NULL where an ISA has no kernel: the scalar one is used */
+    qrz_matmul_fn matmul[2][QRZ_ISA_COUNT];   /* NULL where an ISA has no kernel: the scalar one is used */
 } qrz_type_traits;
 
 extern qrz_type_traits qrz_types[QRZ_TYPE_COUNT];
 void qrz_types_init(void);        /* fills the SIMD columns of qrz_types for this build */
-qrz_matmul_fn qrz_matmul_for(int type, int isa);
-
-/* activation quantizer shared by every int8-activation format: absmax per group to int8 */
-void qrz_quantize_acts_q8(const float *x, int64_t n, int64_t cols, int32_t group, int8_t *q, float *d);
+/* the activation path (0 or 1) a weight type uses when the context asks for act_bits */
+int qrz_act_path(int type, int act_bits);
+qrz_matmul_fn qrz_matmul_for(int type, int path, int isa);
 
 /* small float vector kernels the attention uses, per ISA */
 typedef struct {
@@ -93,8 +113,24 @@ typedef struct {
 } qrz_vec_ops;
 extern qrz_vec_ops qrz_vec[QRZ_ISA_COUNT];
 
-/* per-ISA kernel registration (kernels_avx2.c) */
+/* KV cache rows (kvcache.c, docs/QUANTIZATION.md): one cached k or v vector of head_dim values per (slot, kv head),
+ * in a qrz_kv_cache_type. Rows are packed back to back, so a row's start is not aligned (memcpy its scale). */
+#define QRZ_KV_CACHE_COUNT 4
+typedef struct {
+    void (*store)(void *row, const float *x, int n);            /* x[n] into a row */
+    float (*dot)(const float *q, const void *row, int n);       /* q · row */
+    void (*axpy)(float *y, float a, const void *row, int n);    /* y += a * row */
+} qrz_kv_ops;
+/* [kv type][isa]; a NULL member means the scalar one (kernels_avx2.c fills the AVX2 column) */
+extern qrz_kv_ops qrz_kv[QRZ_KV_CACHE_COUNT][QRZ_ISA_COUNT];
+extern const char *const qrz_kv_names[QRZ_KV_CACHE_COUNT];
+qrz_kv_ops qrz_kv_ops_for(int kv_type, int isa);                /* resolved: no NULL members */
+int qrz_kv_sdr_group(int head_dim);   /* 4bit rows' group: head_dim if <= 32, else 32 if it divides, else 16 */
+
+/* per-ISA kernel registration (kernels_avx2.c, kernels_neon.c) */
 void qrz_register_avx2(void);
+void qrz_register_kv_avx2(void);    /* the KV-row section of kernels_avx2.c, called by qrz_register_avx2 */
+void qrz_register_neon(void);
 
 /* ---- threads ---- */
 typedef struct qrz_pool qrz_pool;
@@ -123,7 +159,7 @@ typedef struct {
     /* attention span: a sliding layer sees the last `window` positions and keeps only kv_slots of them (a ring:
      * position p lives in slot p % kv_slots); a global layer has window 0 and a slot per context position */
     int32_t window, kv_slots;
-    float *k_cache, *v_cache;                     /* [kv_slots][n_kv_heads*head_dim], inside ctx->kv */
+    uint8_t *k_cache, *v_cache;                   /* [kv_slots][n_kv_heads] rows of ctx->kv_row_bytes, inside ctx->kv */
     const float *inv_freq;                        /* [head_dim/2] RoPE frequencies: ctx->inv_freq or _local */
 } qrz_layer;
 
@@ -144,15 +180,20 @@ struct qrz_context {
     qrz_layer *layers;                            /* [n_layers] */
     int isa;
     qrz_pool *pool;
-    /* KV cache, f32, one allocation; each layer's k and v planes point into it */
-    float *kv;
-    uint64_t kv_floats;
+    /* KV cache, one allocation of rows of kv_type; each layer's k and v planes point into it */
+    uint8_t *kv;
+    uint64_t kv_bytes;
+    int kv_type;                                  /* qrz_kv_cache_type */
+    size_t kv_row_bytes;                          /* one (slot, kv head) row: qrz_kv_row_bytes(kv_type, head_dim) */
+    qrz_kv_ops kv_ops;                            /* its row functions for ctx->isa */
     /* scratch for one batch of up to n_batch tokens */
     float *rope_cos, *rope_sin;                   /* [2][n_batch][head_dim/2]: global, then sliding-layer angles */
     float *x, *xb, *q, *k, *v, *att, *hb, *hb2;   /* [n_batch][n_embd | n_heads*hd | n_kv*hd | n_ff] */
     float *scores;                                /* [n_threads][n_ctx] attention weights */
-    int8_t *act_q;                                /* [n_batch][max cols] int8 activations */
-    float *act_d;                                 /* [n_batch][max cols] their group scales (upper bound) */
+    int act_bits;                                 /* 8 or 4: which activation path quantized matmuls take */
+    int8_t *act_q;                                /* [n_batch][max cols] quantized activations */
+    float *act_d;                                 /* [n_batch][max cols] their scales (upper bound) */
+    uint8_t *act_e;                               /* [n_batch][max cols] SDR shifts (upper bound) */
     float *logits;                                /* [LOGIT_ROWS][n_vocab] */
     /* the sequence held in the KV cache */
     int32_t *tokens;                              /* [n_ctx] */

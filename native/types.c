@@ -6,6 +6,7 @@
 #include "qrz_internal.h"
 #include <math.h>
 #include <stdlib.h>
+#include <stdbool.h>
 #include <string.h>
 
 static uint64_t align_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
@@ -93,19 +94,208 @@ static void q8_matmul_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0,
     }
 }
 
-void qrz_quantize_acts_q8(const float *x, int64_t n, int64_t cols, int32_t group, int8_t *q, float *d) {
+/* ---- 4-bit codes: mantissas in -8..7 stored as nibbles m + 8, each run of 32 values in 16 bytes, byte j holding
+ * values j (low nibble) and j + 16 (high nibble); SDR and INT4 share this plane ---- */
+static inline int nibble_at(const uint8_t *row, int64_t c) {
+    const uint8_t b = row[(c >> 5) * 16 + (c & 15)];
+    return ((c & 16) ? (b >> 4) : (b & 15)) - 8;
+}
+
+static bool nibble_shape_ok(int64_t cols, int32_t group, int32_t max_group) {
+    return group > 0 && group % 16 == 0 && group <= max_group && cols % group == 0 && cols % 32 == 0;
+}
+
+/* ---- SDR (QRazor): row scale s (f32), per-group shift e (nibbles), 4-bit mantissas; value s * 2^e * m ---- */
+#define SDR_MAX_COLS (1 << 17)    /* |m 2^e| <= 128 and |q| <= 127: a row of up to 2^17 columns sums in int32 */
+
+static uint64_t sdr_flag_bytes(int64_t cols, int32_t group) { return (uint64_t)((cols / group + 1) / 2); }
+
+static uint64_t sdr_nbytes(int64_t rows, int64_t cols, int32_t group) {
+    if (!nibble_shape_ok(cols, group, 256) || cols > SDR_MAX_COLS) return 0;
+    return align_up((uint64_t)rows * 4, QRZ_ALIGN) + align_up((uint64_t)rows * sdr_flag_bytes(cols, group), QRZ_ALIGN) +
+           (uint64_t)rows * (uint64_t)cols / 2;
+}
+
+typedef struct {
+    const float *s;               /* [rows] */
+    const uint8_t *e;             /* [rows][flag bytes] */
+    const uint8_t *m;             /* [rows][cols/2] */
+    uint64_t e_stride;
+} sdr_planes;
+
+static sdr_planes sdr_split(const qrz_weight *w) {
+    const uint8_t *base = w->data;
+    const uint64_t fb = sdr_flag_bytes(w->cols, w->group);
+    const uint64_t s_bytes = align_up((uint64_t)w->rows * 4, QRZ_ALIGN);
+    return (sdr_planes){(const float *)base, base + s_bytes, base + s_bytes + align_up((uint64_t)w->rows * fb, QRZ_ALIGN), fb};
+}
+
+static inline int sdr_shift(const uint8_t *flags, int64_t g) { return (flags[g >> 1] >> ((g & 1) * 4)) & 15; }
+
+static void sdr_dequant_row(const qrz_weight *w, int64_t r, float *out) {
+    const sdr_planes p = sdr_split(w);
+    const uint8_t *flags = p.e + r * p.e_stride, *mant = p.m + r * (w->cols / 2);
+    for (int64_t c = 0; c < w->cols; c++)
+        out[c] = p.s[r] * (float)(nibble_at(mant, c) * (1 << sdr_shift(flags, c / w->group)));
+}
+
+/* W4A8: activations int8 per row; sum_g 2^e_g sum_k m_k q_k in int32, one float multiply per output */
+static void sdr_matmul_i8_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    const sdr_planes p = sdr_split(w);
+    const int32_t G = w->group;
+    const int64_t ng = w->cols / G;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *flags = p.e + r * p.e_stride, *mant = p.m + r * (w->cols / 2);
+        for (int64_t i = 0; i < x->n; i++) {
+            const int8_t *xq = x->q + i * x->cols;
+            int32_t acc = 0;
+            for (int64_t g = 0; g < ng; g++) {
+                int32_t sum = 0;
+                for (int32_t k = 0; k < G; k++) sum += nibble_at(mant, g * G + k) * xq[g * G + k];
+                acc += sum * (1 << sdr_shift(flags, g));
+            }
+            y[i * ldy + r] = (float)acc * (p.s[r] * x->d[i]);
+        }
+    }
+}
+
+/* W4A4: both sides SDR; sum_g 2^(e_w + e_x) sum_k m_w m_x, int32 over at most 256 columns, then into an int64 */
+static void sdr_matmul_sdr4_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    const sdr_planes p = sdr_split(w);
+    const int32_t G = w->group;
+    const int64_t ng = w->cols / G, flush = 256 / G;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *flags = p.e + r * p.e_stride, *mant = p.m + r * (w->cols / 2);
+        for (int64_t i = 0; i < x->n; i++) {
+            const int8_t *xq = x->q + i * x->cols;
+            const uint8_t *xe = x->e + i * ng;
+            int64_t total = 0;
+            int32_t acc = 0;
+            for (int64_t g = 0; g < ng; g++) {
+                int32_t sum = 0;
+                for (int32_t k = 0; k < G; k++) sum += nibble_at(mant, g * G + k) * xq[g * G + k];
+                acc += sum * (1 << (sdr_shift(flags, g) + xe[g]));
+                if ((g + 1) % flush == 0) { total += acc; acc = 0; }
+            }
+            total += acc;
+            y[i * ldy + r] = (float)total * (p.s[r] * x->d[i]);
+        }
+    }
+}
+
+/* ---- INT4: round-to-nearest, f16 scale per group, the same mantissa plane; the baseline ---- */
+static uint64_t int4_nbytes(int64_t rows, int64_t cols, int32_t group) {
+    if (!nibble_shape_ok(cols, group, 1 << 16)) return 0;
+    return align_up((uint64_t)rows * (uint64_t)(cols / group) * 2, QRZ_ALIGN) + (uint64_t)rows * (uint64_t)cols / 2;
+}
+
+static const uint8_t *int4_mant(const qrz_weight *w) {
+    return (const uint8_t *)w->data + align_up((uint64_t)w->rows * (w->cols / w->group) * 2, QRZ_ALIGN);
+}
+
+static void int4_dequant_row(const qrz_weight *w, int64_t r, float *out) {
+    const uint16_t *d = (const uint16_t *)w->data + r * (w->cols / w->group);
+    const uint8_t *mant = int4_mant(w) + r * (w->cols / 2);
+    for (int64_t c = 0; c < w->cols; c++) out[c] = qrz_f16_to_f32(d[c / w->group]) * (float)nibble_at(mant, c);
+}
+
+/* activations int8 or int4 per group (Q8_GROUP / Q4_GROUP): int32 per group, one float multiply-add per group */
+static void int4_matmul_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    const int32_t G = w->group;
+    const int64_t ng = w->cols / G;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *wd = (const uint16_t *)w->data + r * ng;
+        const uint8_t *mant = int4_mant(w) + r * (w->cols / 2);
+        for (int64_t i = 0; i < x->n; i++) {
+            const int8_t *xq = x->q + i * x->cols;
+            const float *xd = x->d + i * ng;
+            float acc = 0.0f;
+            for (int64_t g = 0; g < ng; g++) {
+                int32_t sum = 0;
+                for (int32_t k = 0; k < G; k++) sum += nibble_at(mant, g * G + k) * xq[g * G + k];
+                acc += qrz_f16_to_f32(wd[g]) * xd[g] * (float)sum;
+            }
+            y[i * ldy + r] = acc;
+        }
+    }
+}
+
+/* ---- activation quantizers (docs/QUANTIZATION.md); the reference for any SIMD version ---- */
+static float absmax(const float *x, int64_t n) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
+    return amax;
+}
+
+static void quantize_groups(const float *x, int64_t n, int64_t cols, int32_t group, float qmax, float lo, float hi,
+                            int8_t *q, float *d) {
     const int64_t ng = cols / group;
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = 0; i < n; i++)
         for (int64_t g = 0; g < ng; g++) {
             const float *xg = x + i * cols + g * group;
             int8_t *qg = q + i * cols + g * group;
-            float amax = 0.0f;
-            for (int32_t k = 0; k < group; k++) amax = fmaxf(amax, fabsf(xg[k]));
-            const float dg = amax / 127.0f, inv = dg > 0.0f ? 1.0f / dg : 0.0f;
+            const float dg = absmax(xg, group) / qmax, inv = dg > 0.0f ? 1.0f / dg : 0.0f;
             d[i * ng + g] = dg;
-            for (int32_t k = 0; k < group; k++) qg[k] = (int8_t)nearbyintf(xg[k] * inv);
+            for (int32_t k = 0; k < group; k++) qg[k] = (int8_t)fminf(hi, fmaxf(lo, nearbyintf(xg[k] * inv)));
+        }
+}
+
+static void quantize_rows_i8(const float *x, int64_t n, int64_t cols, int8_t *q, float *d) {
+    for (int64_t i = 0; i < n; i++) {
+        const float di = absmax(x + i * cols, cols) / 127.0f, inv = di > 0.0f ? 1.0f / di : 0.0f;
+        d[i] = di;
+        for (int64_t k = 0; k < cols; k++) q[i * cols + k] = (int8_t)nearbyintf(x[i * cols + k] * inv);
+    }
+}
+
+/* QRazor on a row: int16 absmax base, then per group the 4-bit window below the leading one */
+static void quantize_rows_sdr4(const float *x, int64_t n, int64_t cols, int32_t group, int8_t *q, float *d, uint8_t *e) {
+    const int64_t ng = cols / group;
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * cols;
+        const float di = absmax(xi, cols) / 32767.0f, inv = di > 0.0f ? 1.0f / di : 0.0f;
+        d[i] = di;
+        for (int64_t g = 0; g < ng; g++) {
+            int32_t base[256], mx = 0;
+            for (int32_t k = 0; k < group; k++) {
+                base[k] = (int32_t)fminf(32767.0f, fmaxf(-32767.0f, nearbyintf(xi[g * group + k] * inv)));
+                mx |= base[k] < 0 ? -base[k] : base[k];   /* OR of magnitudes: same leading one as the max */
+            }
+            int lead = 0;
+            while (mx >> (lead + 1)) lead++;
+            const int shift = lead > 2 ? lead - 2 : 0;
+            e[i * ng + g] = (uint8_t)shift;
+            const float step = 1.0f / (float)(1 << shift);
+            for (int32_t k = 0; k < group; k++)
+                q[i * cols + g * group + k] = (int8_t)fminf(7.0f, fmaxf(-8.0f, nearbyintf((float)base[k] * step)));
         }
     }
+}
+
+void qrz_quantize_acts(qrz_acts *a) {
+    switch (a->kind) {
+    case QRZ_ACTS_Q8_GROUP: quantize_groups(a->f32, a->n, a->cols, a->group, 127.0f, -127.0f, 127.0f, a->q, a->d); break;
+    case QRZ_ACTS_Q4_GROUP: quantize_groups(a->f32, a->n, a->cols, a->group, 7.0f, -8.0f, 7.0f, a->q, a->d); break;
+    case QRZ_ACTS_I8_ROW: quantize_rows_i8(a->f32, a->n, a->cols, a->q, a->d); break;
+    case QRZ_ACTS_SDR4_ROW: quantize_rows_sdr4(a->f32, a->n, a->cols, a->group, a->q, a->d, a->e); break;
+    default: break;
+    }
+}
+
+int64_t qrz_acts_scales_per_row(int kind, int64_t cols, int32_t group) {
+    return (kind == QRZ_ACTS_I8_ROW || kind == QRZ_ACTS_SDR4_ROW) ? 1 : cols / (group > 0 ? group : 1);
+}
+
+qrz_acts qrz_acts_rows(const qrz_acts *a, int64_t i0, int64_t n) {
+    qrz_acts sub = *a;
+    sub.n = n;
+    sub.f32 += i0 * a->cols;
+    if (a->kind != QRZ_ACTS_F32) {
+        sub.q += i0 * a->cols;
+        sub.d += i0 * qrz_acts_scales_per_row(a->kind, a->cols, a->group);
+        if (a->e) sub.e += i0 * (a->cols / a->group);
+    }
+    return sub;
 }
 
 /* ---- float vector helpers (attention) ---- */
@@ -126,10 +316,15 @@ qrz_vec_ops qrz_vec[QRZ_ISA_COUNT] = {
 };
 
 /* ---- the table ---- */
+#define NO_4BIT QRZ_ACTS_COUNT
 qrz_type_traits qrz_types[QRZ_TYPE_COUNT] = {
-    [QRZ_TYPE_F32] = {"f32", false, f32_nbytes, f32_dequant_row, {f32_matmul_scalar}},
-    [QRZ_TYPE_F16] = {"f16", false, f16_nbytes, f16_dequant_row, {f16_matmul_scalar}},
-    [QRZ_TYPE_Q8] = {"q8", true, q8_nbytes, q8_dequant_row, {q8_matmul_scalar}},
+    [QRZ_TYPE_F32] = {"f32", {QRZ_ACTS_F32, NO_4BIT}, f32_nbytes, f32_dequant_row, {{f32_matmul_scalar}}},
+    [QRZ_TYPE_F16] = {"f16", {QRZ_ACTS_F32, NO_4BIT}, f16_nbytes, f16_dequant_row, {{f16_matmul_scalar}}},
+    [QRZ_TYPE_Q8] = {"q8", {QRZ_ACTS_Q8_GROUP, NO_4BIT}, q8_nbytes, q8_dequant_row, {{q8_matmul_scalar}}},
+    [QRZ_TYPE_SDR] = {"sdr", {QRZ_ACTS_I8_ROW, QRZ_ACTS_SDR4_ROW}, sdr_nbytes, sdr_dequant_row,
+                      {{sdr_matmul_i8_scalar}, {sdr_matmul_sdr4_scalar}}},
+    [QRZ_TYPE_INT4] = {"int4", {QRZ_ACTS_Q8_GROUP, QRZ_ACTS_Q4_GROUP}, int4_nbytes, int4_dequant_row,
+                       {{int4_matmul_scalar}, {int4_matmul_scalar}}},
 };
 
 void qrz_types_init(void) {
@@ -139,12 +334,17 @@ void qrz_types_init(void) {
 #if defined(__x86_64__) || defined(__i386__)
     qrz_register_avx2();
 #endif
+#if defined(__aarch64__)
+    qrz_register_neon();
+#endif
 }
 
-qrz_matmul_fn qrz_matmul_for(int type, int isa) {
+int qrz_act_path(int type, int act_bits) { return act_bits == 4 && qrz_types[type].acts[1] != NO_4BIT ? 1 : 0; }
+
+qrz_matmul_fn qrz_matmul_for(int type, int path, int isa) {
     qrz_types_init();
-    if (isa > 0 && isa < QRZ_ISA_COUNT && qrz_types[type].matmul[isa]) return qrz_types[type].matmul[isa];
-    return qrz_types[type].matmul[QRZ_ISA_SCALAR];
+    if (isa > 0 && isa < QRZ_ISA_COUNT && qrz_types[type].matmul[path][isa]) return qrz_types[type].matmul[path][isa];
+    return qrz_types[type].matmul[path][QRZ_ISA_SCALAR];
 }
 
 uint64_t qrz_tensor_nbytes(int type, int64_t rows, int64_t cols, int32_t group_size) {
@@ -153,27 +353,28 @@ uint64_t qrz_tensor_nbytes(int type, int64_t rows, int64_t cols, int32_t group_s
 }
 
 /* ---- kernel entry points for the tests ---- */
-int qrz_kernel_matmul(int isa, int type, int32_t group, const void *wdata, int64_t rows, int64_t cols,
-                      const float *x, int64_t n, float *y) {
+int qrz_kernel_matmul(int isa, int type, int32_t group, int32_t act_bits, const void *wdata, int64_t rows,
+                      int64_t cols, const float *x, int64_t n, float *y) {
     if (type < 0 || type >= QRZ_TYPE_COUNT || !wdata || !x || !y || rows <= 0 || n <= 0) return QRZ_ERR_ARG;
+    if (act_bits != 8 && act_bits != 4) return QRZ_ERR_ARG;
     if (!qrz_tensor_nbytes(type, rows, cols, group)) return QRZ_ERR_ARG;
     if (isa == QRZ_ISA_BEST) isa = qrz_isa_default();
     if (!qrz_isa_supported(isa)) return QRZ_ERR_ARG;
+    qrz_types_init();
+    const int path = qrz_act_path(type, act_bits);
     qrz_weight w = {type, group, rows, cols, wdata};
-    qrz_acts a = {n, cols, x, NULL, NULL, group};
-    int8_t *q = NULL;
-    float *d = NULL;
-    if (qrz_types[type].int8_acts) {
-        q = malloc((size_t)(n * cols));
-        d = malloc((size_t)(n * (cols / group)) * sizeof(float));
-        if (!q || !d) { free(q); free(d); return QRZ_ERR_MEMORY; }
-        qrz_quantize_acts_q8(x, n, cols, group, q, d);
-        a.q = q;
-        a.d = d;
+    qrz_acts a = {n, cols, x, qrz_types[type].acts[path], NULL, NULL, NULL, group};
+    if (a.kind != QRZ_ACTS_F32) {
+        a.q = malloc((size_t)(n * cols));
+        a.d = malloc((size_t)(n * cols) * sizeof(float));
+        a.e = malloc((size_t)(n * cols));
+        if (!a.q || !a.d || !a.e) { free(a.q); free(a.d); free(a.e); return QRZ_ERR_MEMORY; }
+        qrz_quantize_acts(&a);
     }
-    qrz_matmul_for(type, isa)(&w, &a, 0, rows, y, rows);
-    free(q);
-    free(d);
+    qrz_matmul_for(type, path, isa)(&w, &a, 0, rows, y, rows);
+    free(a.q);
+    free(a.d);
+    free(a.e);
     return QRZ_OK;
 }
 

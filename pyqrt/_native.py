@@ -112,7 +112,8 @@ def model_metadata(model):
     return meta
 
 
-TENSOR_TYPE_NAMES = {lib.QRZ_TYPE_F32: "f32", lib.QRZ_TYPE_F16: "f16", lib.QRZ_TYPE_Q8: "q8"}
+TENSOR_TYPE_NAMES = {lib.QRZ_TYPE_F32: "f32", lib.QRZ_TYPE_F16: "f16", lib.QRZ_TYPE_Q8: "q8", lib.QRZ_TYPE_SDR: "sdr",
+                     lib.QRZ_TYPE_INT4: "int4"}
 
 
 def model_tensors(model):
@@ -133,8 +134,12 @@ def model_tensors(model):
 
 
 # ---- contexts ----
-def context_new(model, n_ctx, n_threads, n_batch, isa):
-    params = ffi.new("qrz_context_params *", {"n_ctx": n_ctx, "n_threads": n_threads, "n_batch": n_batch, "isa": isa})
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "8bit": 2, "4bit": 3}
+
+
+def context_new(model, n_ctx, n_threads, n_batch, isa, act_bits=0, kv_cache=0):
+    params = ffi.new("qrz_context_params *", {"n_ctx": n_ctx, "n_threads": n_threads, "n_batch": n_batch, "isa": isa,
+                                              "act_bits": act_bits, "kv_cache": kv_cache})
     out = ffi.new("qrz_context **")
     err = ffi.new("char[]", _ERR_CAP)
     status = lib.qrz_context_new(model, params, out, err, _ERR_CAP)
@@ -160,7 +165,7 @@ def detokenize(model, ids, render_special=False):
 
 
 # ---- kernels, for the tests ----
-def kernel_matmul(isa, type_id, group, weight_bytes, rows, cols, x):
+def kernel_matmul(isa, type_id, group, weight_bytes, rows, cols, x, act_bits=8):
     x = np.ascontiguousarray(x, dtype=np.float32)
     w = np.frombuffer(weight_bytes, dtype=np.uint8) if not isinstance(weight_bytes, np.ndarray) else weight_bytes
     w = np.ascontiguousarray(w).view(np.uint8)
@@ -169,7 +174,7 @@ def kernel_matmul(isa, type_id, group, weight_bytes, rows, cols, x):
         raise ValueError(f"weight buffer has {w.nbytes} bytes, the type needs {need}")
     y = np.empty((x.shape[0], rows), dtype=np.float32)
     status = lib.qrz_kernel_matmul(ISA_NAMES.get(isa, isa) if isinstance(isa, str) else isa, type_id, group,
-                                   ffi.from_buffer(w), rows, cols, as_c_array(x, np.float32), x.shape[0],
+                                   act_bits, ffi.from_buffer(w), rows, cols, as_c_array(x, np.float32), x.shape[0],
                                    as_c_array(y, np.float32))
     check(status, f"kernel matmul failed (isa={isa}, type={type_id}, group={group}, shape=({rows}, {cols}))")
     return y
@@ -181,3 +186,37 @@ def kernel_dequant_row(type_id, group, weight_bytes, rows, cols, r):
     status = lib.qrz_kernel_dequant_row(type_id, group, ffi.from_buffer(w), rows, cols, r, as_c_array(out, np.float32))
     check(status, "dequant_row failed")
     return out
+
+
+def kv_row_bytes(kv, head_dim):
+    """bytes of one KV cache row (one position, one kv head) of type kv ("f32", "f16", "8bit", "4bit")"""
+    return lib.qrz_kv_row_bytes(KV_CACHE_TYPES[kv] if isinstance(kv, str) else kv, head_dim)
+
+
+def kernel_kv_rows(isa, kv, x, q=None, a=None):
+    """Stores the rows of x (n_rows, head_dim) as KV cache rows of type kv with the isa's kernels. Returns
+    (raw uint8 (n_rows, row_bytes), the rows as float32 (n_rows, head_dim), q . row (n_rows,) or None when q is
+    None, sum_i a[i] * row i (head_dim,) or None when a is None)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError("x must be a non-empty (n_rows, head_dim) array")
+    n_rows, head_dim = x.shape
+    kv_id = KV_CACHE_TYPES[kv] if isinstance(kv, str) else kv
+    rb = lib.qrz_kv_row_bytes(kv_id, head_dim)
+    if rb == 0:
+        raise ValueError(f"invalid KV cache type {kv!r} or head_dim {head_dim}")
+    raw = np.zeros((n_rows, rb), np.uint8)
+    rows = np.empty((n_rows, head_dim), np.float32)
+    dots = np.empty(n_rows, np.float32) if q is not None else None
+    axpy = np.zeros(head_dim, np.float32) if a is not None else None
+    q = np.ascontiguousarray(q, dtype=np.float32) if q is not None else None
+    a = np.ascontiguousarray(a, dtype=np.float32) if a is not None else None
+    if (q is not None and q.shape != (head_dim,)) or (a is not None and a.shape != (n_rows,)):
+        raise ValueError("q must have head_dim values and a one per row")
+    opt = lambda arr, dt: as_c_array(arr, dt) if arr is not None else ffi.NULL  # noqa: E731
+    status = lib.qrz_kernel_kv_rows(ISA_NAMES.get(isa, isa) if isinstance(isa, str) else isa, kv_id, head_dim,
+                                    as_c_array(x, np.float32), n_rows, opt(q, np.float32), opt(a, np.float32),
+                                    as_c_array(raw, np.uint8), as_c_array(rows, np.float32), opt(dots, np.float32),
+                                    opt(axpy, np.float32))
+    check(status, f"kernel kv rows failed (isa={isa}, kv={kv}, head_dim={head_dim})")
+    return raw, rows, dots, axpy

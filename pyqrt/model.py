@@ -85,21 +85,37 @@ def pyqrt_on_piece(user, piece, length):
     return 1 if sink.abort else 0
 
 
+# weight formats whose kernels take 4-bit activations (act="4bit")
+FOUR_BIT_ACT_FORMATS = {"sdr", "int4"}
+
+
 class Model:
     """A loaded model with its inference context (KV cache, threads). Not safe to share between threads
     without your own lock; a single call is serialized internally."""
 
-    def __init__(self, path, threads=None, ctx=None, batch=None, verify=True, isa=None):
+    def __init__(self, path, threads=None, ctx=None, batch=None, verify=True, isa=None, act=None, kv="f32"):
         threads = _int_arg("threads", threads, 1, allow_none=True)
         ctx = _int_arg("ctx", ctx, 1, allow_none=True)
         batch = _int_arg("batch", batch, 1, allow_none=True)
         if isa is not None and isa not in _native.ISA_NAMES:
             raise ValueError(f"isa must be one of {sorted(_native.ISA_NAMES)} or None, got {isa!r}")
+        if act not in (None, "8bit", "4bit"):
+            raise ValueError(f"act must be '8bit', '4bit' or None (the format's default, 8-bit), got {act!r}")
+        if kv not in _native.KV_CACHE_TYPES:
+            raise ValueError(f"kv must be one of {', '.join(repr(k) for k in _native.KV_CACHE_TYPES)}, got {kv!r}")
         self.file = QrzFile(path, verify)
         self.metadata = self.file.metadata
         self.path = self.file.path
+        fmt = self.metadata.get("quant.format")
+        if act == "4bit" and fmt not in FOUR_BIT_ACT_FORMATS:
+            raise ValueError(f"act='4bit' needs a weight format with 4-bit activation kernels "
+                             f"({', '.join(sorted(FOUR_BIT_ACT_FORMATS))}); this file is '{fmt}'. Convert with "
+                             f"--format sdr (or int4), or load with act='8bit'")
+        self.act = act or ("8bit" if fmt not in ("f32", "f16") else "float")
+        self.kv = kv
         self._ctx = _native.context_new(self.file._handle, ctx or 0, threads or 0, batch or 0,
-                                        _native.ISA_NAMES[isa] if isa else lib.QRZ_ISA_BEST)
+                                        _native.ISA_NAMES[isa] if isa else lib.QRZ_ISA_BEST,
+                                        4 if act == "4bit" else 8, _native.KV_CACHE_TYPES[kv])
         self.n_ctx = lib.qrz_context_n_ctx(self._ctx)
         self.n_vocab = lib.qrz_context_n_vocab(self._ctx)
         self.n_threads = lib.qrz_context_n_threads(self._ctx)
@@ -333,7 +349,8 @@ class Model:
 
     def __repr__(self):
         return (f"<pyqrt.Model {os.path.basename(self.path)} {self.metadata.get('general.architecture')} "
-                f"{self.metadata.get('quant.format')} ctx={self.n_ctx} threads={self.n_threads} isa={self.isa}>")
+                f"{self.metadata.get('quant.format')} act={self.act} kv={self.kv} ctx={self.n_ctx} threads={self.n_threads} "
+                f"isa={self.isa}>")
 
 
 class _Aborted(Exception):
@@ -342,8 +359,10 @@ class _Aborted(Exception):
 
 def load(path, threads=None, ctx=None, **options):
     """Load a .qrz. threads: worker threads (default: physical cores); ctx: context length (default: the
-    model's); options: batch (prompt tokens per pass), verify (check checksums, default True), isa."""
-    known = {"batch", "verify", "isa"}
+    model's); options: batch (prompt tokens per pass), verify (check checksums, default True), isa, act ("8bit" or
+    "4bit" activations for the 4-bit weight formats; default 8-bit), kv (KV cache: "f32" default, "f16", "8bit",
+    "4bit")."""
+    known = {"batch", "verify", "isa", "act", "kv"}
     unknown = set(options) - known
     if unknown:
         raise TypeError(f"unknown option(s) for load: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")

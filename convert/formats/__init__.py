@@ -14,6 +14,9 @@ def align64(n):
     return (n + 63) // 64 * 64
 
 
-from . import f16, f32, q8  # noqa: E402  (the format modules use align64)
+from . import f16, f32, int4, q8, sdr  # noqa: E402  (the format modules use align64)
 
-FORMATS = {"f32": f32, "f16": f16, "q8": q8}
+FORMATS = {"f32": f32, "f16": f16, "q8": q8, "sdr": sdr, "int4": int4}
+# the 4-bit formats keep the token embedding and the output head (and any matrix whose shape they cannot hold)
+# in this format at the same group size, as llama.cpp keeps them at 6-8 bits
+FOUR_BIT_FALLBACK = "q8"

@@ -10,6 +10,7 @@ from . import align64
 
 TYPE_ID = 2
 QUANTIZED = True
+DEFAULT_GROUP = 32
 
 
 def nbytes(rows, cols, group):

@@ -1,0 +1,84 @@
+"""Fake-quantization in transformers, to choose a format's parameters before writing kernels for them:
+the linear layers' weights are replaced by a format's dequantized values (convert/formats, the same code the
+converter runs) and their inputs by quantize-dequantize hooks; prints wiki.utf8 perplexity (windows of 512).
+
+    python -m bench.fakequant MODEL WEIGHTS GROUP ACTS [TOKENS]
+    e.g. python -m bench.fakequant gemma3 sdr 16 f32 1024
+
+WEIGHTS: f32 | sdr | sdrplain (QRazor's rule, no search) | sdrB<bits> (an int<bits> row base) | int4.
+ACTS: f32 | i8row | q8g | q4g | sdr4 | sdr8 (int16 base razored to 8 bits) | sdr8g32.
+Test-only tools (torch, transformers); the runtime's own numbers come from bench.quality.
+"""
+import sys
+import time
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from convert.formats import int4, sdr
+from tests import assets
+
+torch.set_num_threads(2)
+if len(sys.argv) < 5:
+    sys.exit(__doc__)
+name = sys.argv[1]; wfmt = sys.argv[2]; G = int(sys.argv[3]); afmt = sys.argv[4]; ntok = int(sys.argv[5]) if len(sys.argv) > 5 else 1024
+d = {"gemma3": assets.gemma3_hf, "qwen25": assets.qwen25_hf, "smollm2": assets.smollm2_hf}[name]()
+tok = AutoTokenizer.from_pretrained(d)
+model = AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
+def q_rows_i8(x):
+    s = x.abs().amax(-1, keepdim=True) / 127; s[s == 0] = 1
+    return torch.round(x / s) * s
+def q_groups(x, G, qmax, lo, hi):
+    sh = x.shape; g = x.reshape(*sh[:-1], sh[-1] // G, G)
+    s = g.abs().amax(-1, keepdim=True) / qmax; s[s == 0] = 1
+    return (torch.clamp(torch.round(g / s), lo, hi) * s).reshape(sh)
+def sdr_act(x, G, base=32767, keep=4):
+    sh = x.shape
+    s = x.abs().amax(-1, keepdim=True) / base; s[s == 0] = 1
+    b = torch.clamp(torch.round(x / s), -base, base)
+    g = b.reshape(*sh[:-1], sh[-1] // G, G)
+    mx = g.abs().amax(-1, keepdim=True)
+    L = torch.floor(torch.log2(torch.clamp(mx, min=1)))
+    e = torch.clamp(L - (keep - 2), min=0)
+    lim = 2 ** (keep - 1)
+    m = torch.clamp(torch.round(g / 2 ** e), -lim, lim - 1)
+    return (m * 2 ** e).reshape(sh) * s
+acts = {
+ "f32": lambda x: x,
+ "i8row": q_rows_i8,
+ "q8g": lambda x: q_groups(x, G, 127, -127, 127),
+ "q4g": lambda x: q_groups(x, G, 7, -8, 7),
+ "sdr4": lambda x: sdr_act(x, G),
+ "sdr8": lambda x: sdr_act(x, G, keep=8),
+ "sdr8g32": lambda x: sdr_act(x, 32, keep=8),
+}
+fa = acts[afmt]
+with torch.no_grad():
+    for n, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ("self_attn" in n or "mlp" in n):
+            w = mod.weight.detach().numpy().astype(np.float32)
+            r, c = w.shape
+            if wfmt == "sdr": wd = sdr.dequantize(sdr.quantize(w, G), r, c, G)
+            elif wfmt.startswith("sdrB"):
+                B = int(wfmt[4:]); qmax = 2 ** (B - 1) - 1
+                sc = np.abs(w).max(1, keepdims=True) / qmax; sc[sc == 0] = 1
+                b = np.clip(np.rint(w / sc), -qmax, qmax)
+                mm, ee = sdr.razor(b, G, True)
+                wd = (mm.astype(np.float32).reshape(r, -1, G) * (2.0 ** ee)[:, :, None]).reshape(r, c) * sc
+            elif wfmt == "sdrplain": wd = sdr.dequantize(sdr.quantize(w, G, search=False), r, c, G)
+            elif wfmt == "int4": wd = int4.dequantize(int4.quantize(w, G), r, c, G)
+            else: wd = w
+            mod.weight.copy_(torch.from_numpy(wd))
+            mod.register_forward_pre_hook(lambda m, a: (fa(a[0]),))
+text = assets.text("wiki")
+ids = tok(text, add_special_tokens=False)["input_ids"][:ntok]
+nll, cnt = 0.0, 0
+t = time.time()
+with torch.no_grad():
+    for s in range(0, len(ids), 512):
+        ch = torch.tensor([ids[s:s + 512]])
+        lg = model(ch).logits[0, :-1].double()
+        lp = torch.log_softmax(lg, -1).gather(1, ch[0, 1:, None])
+        nll -= lp.sum().item(); cnt += ch.shape[1] - 1
+print(f"{name} w={wfmt} G={G} act={afmt} ppl={np.exp(nll/cnt):.4f} ({time.time()-t:.0f}s)", flush=True)

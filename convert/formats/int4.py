@@ -1,0 +1,43 @@
+"""INT4: plain round-to-nearest symmetric 4-bit, one f16 scale per group; the baseline of the 4-bit formats.
+
+Layout (docs/FORMAT.md): a plane of f16 group scales d = absmax / 7, zero-padded to 64 bytes, then the shared
+nibble plane (nibbles.py) of m = clamp(round(w / d), -8, 7) computed with the rounded d.
+"""
+import numpy as np
+
+from . import align64, nibbles
+
+TYPE_ID = 4
+QUANTIZED = True
+DEFAULT_GROUP = 32
+ACTS_4BIT = True
+MAX_GROUP = 1 << 16
+
+
+def nbytes(rows, cols, group):
+    nibbles.check_shape("int4", cols, group, MAX_GROUP)
+    return align64(rows * (cols // group) * 2) + rows * cols // 2
+
+
+def quantize(w, group):
+    rows, cols = w.shape
+    nbytes(rows, cols, group)
+    g = np.ascontiguousarray(w, dtype=np.float32).reshape(rows, cols // group, group)
+    d16 = (np.abs(g).max(axis=2) / np.float32(7)).astype(np.float16)
+    d = d16.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = np.where(d[:, :, None] > 0, np.rint(g / d[:, :, None]), 0)
+    m = np.clip(m, -8, 7).astype(np.int8).reshape(rows, cols)
+    out = np.zeros(nbytes(rows, cols, group), dtype=np.uint8)
+    scale_bytes = d16.astype("<f2").reshape(-1).view(np.uint8)
+    out[:scale_bytes.size] = scale_bytes
+    out[align64(scale_bytes.size):] = nibbles.pack(m).reshape(-1)
+    return out
+
+
+def dequantize(buf, rows, cols, group):
+    buf = np.asarray(buf, np.uint8).reshape(-1)
+    ng = cols // group
+    d = buf[:rows * ng * 2].view("<f2").astype(np.float32).reshape(rows, ng, 1)
+    m = nibbles.unpack(buf[align64(rows * ng * 2):], rows, cols).astype(np.float32).reshape(rows, ng, group)
+    return (m * d).reshape(rows, cols)

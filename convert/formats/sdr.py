@@ -1,0 +1,121 @@
+"""SDR: QRazor's significant data razoring (docs/QUANTIZATION.md).
+
+Stage 1 scales each output row to an int8 base, b = round(w / s); stage 2 keeps, per group of G base integers
+along the reduction axis, a 4-bit signed window m = clamp(round(b / 2^e), -8, 7) below the group's leading one,
+and the window's position e. Value: w = s * 2^e * m.
+
+QRazor's rule puts the window at e = max(0, msb(max|b|) - 2). The converter also tries e - 1 per group and 13
+row scales s = c * absmax / 127, c in [0.70, 1.00], keeping whichever gives the smaller squared error: a search
+among values the format can store, decoded exactly as QRazor decodes.
+
+Layout (docs/FORMAT.md): float32 row scales (padded to 64 bytes), the shift plane (two 4-bit shifts per byte,
+group g in the low nibble when g is even; padded to 64 bytes), then the shared nibble plane (nibbles.py).
+"""
+import numpy as np
+
+from . import align64, nibbles
+
+TYPE_ID = 3
+QUANTIZED = True
+DEFAULT_GROUP = 16
+ACTS_4BIT = True
+MAX_GROUP = 256
+MAX_COLS = 1 << 17            # int32 accumulation bound of the W4A8 kernel
+ROW_SCALE_CANDIDATES = np.linspace(0.70, 1.00, 13, dtype=np.float32)
+
+
+def _flag_bytes(cols, group):
+    return (cols // group + 1) // 2
+
+
+def nbytes(rows, cols, group):
+    nibbles.check_shape("sdr", cols, group, MAX_GROUP)
+    if cols > MAX_COLS:
+        raise ValueError(f"sdr supports at most {MAX_COLS} columns, got {cols}")
+    return align64(rows * 4) + align64(rows * _flag_bytes(cols, group)) + rows * cols // 2
+
+
+def leading_one(x):
+    """position of the leading one of non-negative integers (0 for 0 and 1)"""
+    x = np.asarray(x, np.int64)
+    return np.where(x > 0, np.floor(np.log2(np.maximum(x, 1))).astype(np.int64), 0)
+
+
+def razor(b, group, search=True):
+    """b: integer base values (rows, cols) -> (m int8 (rows, cols), e uint8 (rows, ng)). QRazor's window, or with
+    search=True the better of it and the next finer one per group."""
+    rows, cols = b.shape
+    g = b.reshape(rows, cols // group, group).astype(np.int64)
+    e = np.maximum(0, leading_one(np.abs(g).max(axis=2)) - 2)
+    best_e = e
+    best_m = np.clip(np.rint(g / (2.0 ** e)[:, :, None]), -8, 7)
+    if search:
+        best_err = ((best_m * (2.0 ** e)[:, :, None] - g) ** 2).sum(axis=2)
+        e2 = np.maximum(0, e - 1)
+        m2 = np.clip(np.rint(g / (2.0 ** e2)[:, :, None]), -8, 7)
+        err2 = ((m2 * (2.0 ** e2)[:, :, None] - g) ** 2).sum(axis=2)
+        better = err2 < best_err
+        best_e = np.where(better, e2, e)
+        best_m = np.where(better[:, :, None], m2, best_m)
+    return best_m.astype(np.int8).reshape(rows, cols), best_e.astype(np.uint8)
+
+
+def quantize_parts(w, group, search=True):
+    """-> (s float32 (rows,), e uint8 (rows, ng), m int8 (rows, cols))"""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    rows, cols = w.shape
+    amax = np.abs(w).max(axis=1)
+    best = None
+    for c in (ROW_SCALE_CANDIDATES if search else np.ones(1, np.float32)):
+        s = (amax * c / np.float32(127)).astype(np.float32)
+        safe = np.where(s > 0, s, 1).astype(np.float32)
+        b = np.clip(np.rint(w / safe[:, None]), -127, 127)
+        m, e = razor(b, group, search)
+        rec = s[:, None] * (m.astype(np.float32).reshape(rows, -1, group) * (2.0 ** e)[:, :, None]).reshape(rows, cols).astype(np.float32)
+        err = ((rec - w).astype(np.float64) ** 2).sum(axis=1)
+        if best is None:
+            best = [s, e, m, err]
+        else:
+            take = err < best[3]
+            best = [np.where(take, s, best[0]), np.where(take[:, None], e, best[1]),
+                    np.where(take[:, None], m, best[2]), np.minimum(err, best[3])]
+    return best[0].astype(np.float32), best[1].astype(np.uint8), best[2].astype(np.int8)
+
+
+def pack(s, e, m, group):
+    rows, cols = m.shape
+    out = np.zeros(nbytes(rows, cols, group), dtype=np.uint8)
+    out[:rows * 4] = s.astype("<f4").view(np.uint8)
+    ng, fb = cols // group, _flag_bytes(cols, group)
+    ep = np.zeros((rows, fb * 2), np.uint8)
+    ep[:, :ng] = e
+    flags = ep[:, 0::2] | (ep[:, 1::2] << 4)
+    off = align64(rows * 4)
+    out[off:off + rows * fb] = flags.reshape(-1)
+    off += align64(rows * fb)
+    out[off:] = nibbles.pack(m).reshape(-1)
+    return out
+
+
+def quantize(w, group, search=True):
+    rows, cols = w.shape
+    nbytes(rows, cols, group)
+    return pack(*quantize_parts(w, group, search), group)
+
+
+def unpack(buf, rows, cols, group):
+    buf = np.asarray(buf, np.uint8).reshape(-1)
+    ng, fb = cols // group, _flag_bytes(cols, group)
+    s = buf[:rows * 4].view("<f4").astype(np.float32)
+    off = align64(rows * 4)
+    flags = buf[off:off + rows * fb].reshape(rows, fb)
+    e = np.stack([flags & 15, flags >> 4], axis=2).reshape(rows, fb * 2)[:, :ng]
+    off += align64(rows * fb)
+    m = nibbles.unpack(buf[off:], rows, cols)
+    return s, e, m
+
+
+def dequantize(buf, rows, cols, group):
+    s, e, m = unpack(buf, rows, cols, group)
+    ints = (m.astype(np.int32).reshape(rows, -1, group) << e.astype(np.int32)[:, :, None]).reshape(rows, cols)
+    return (s[:, None] * ints.astype(np.float32)).astype(np.float32)

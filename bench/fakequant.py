@@ -54,12 +54,31 @@ acts = {
  "sdr8g32": lambda x: sdr_act(x, 32, keep=8),
 }
 fa = acts[afmt]
+col_weights = {}
+if wfmt.endswith("+awq"):
+    # input mean squares per linear layer on calibration text (c4, never the evaluation text)
+    wfmt = wfmt[:-4]
+    hooks = []
+    for n, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ("self_attn" in n or "mlp" in n):
+            def rec(m, a, n=n):
+                x = a[0].reshape(-1, a[0].shape[-1]).double()
+                s, c = col_weights.get(n, (0, 0))
+                col_weights[n] = (s + (x * x).sum(0), c + x.shape[0])
+            hooks.append(mod.register_forward_pre_hook(rec))
+    cal = tok(assets.text("c4"), add_special_tokens=False)["input_ids"][:2048]
+    with torch.no_grad():
+        for s0 in range(0, len(cal), 512):
+            model(torch.tensor([cal[s0:s0 + 512]]))
+    for h in hooks:
+        h.remove()
+    col_weights = {n: (s / c).numpy() for n, (s, c) in col_weights.items()}
 with torch.no_grad():
     for n, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and ("self_attn" in n or "mlp" in n):
             w = mod.weight.detach().numpy().astype(np.float32)
             r, c = w.shape
-            if wfmt == "sdr": wd = sdr.dequantize(sdr.quantize(w, G), r, c, G)
+            if wfmt == "sdr": wd = sdr.dequantize(sdr.quantize(w, G, col_weight=col_weights.get(n)), r, c, G)
             elif wfmt.startswith("sdrB"):
                 B = int(wfmt[4:]); qmax = 2 ** (B - 1) - 1
                 sc = np.abs(w).max(1, keepdims=True) / qmax; sc[sc == 0] = 1

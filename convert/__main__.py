@@ -14,10 +14,15 @@ def main(argv=None):
     parser.add_argument("--group-size", type=int, default=None,
                         help="weights per quantization group along the input dimension (default: the format's, "
                              "16 for sdr, 32 for q8 and int4)")
+    parser.add_argument("--calib", metavar="TEXT_FILE",
+                        help="UTF-8 calibration text; sdr then weighs each input column's error by its mean square "
+                             "on this text (activation-aware search). Never the text you evaluate on")
+    parser.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default: 4096)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        path = convert(args.model_dir, args.out, fmt=args.format, group_size=args.group_size,
+        path = convert(args.model_dir, args.out, fmt=args.format, group_size=args.group_size, calib=args.calib,
+                       calib_tokens=args.calib_tokens,
                        progress=not args.quiet and sys.stderr.isatty())
     except ConvertError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -642,7 +642,7 @@ QRZ_AVX2 static void kv_f16_axpy_avx2(float *y, float a, const void *row, int n)
     for (; k < n; k++) y[k] += a * _cvtsh_ss(h[k]);
 }
 
-/* ---- 8bit: [float32 s][int8 codes] ---- */
+/* ---- 8bit: [float32 d x ng][int8 codes x n], a scale per group of qrz_kv_group(n) values ---- */
 QRZ_AVX2 static float kv_absmax_avx2(const float *x, int n) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 mx = _mm256_setzero_ps();
@@ -656,50 +656,82 @@ QRZ_AVX2 static float kv_absmax_avx2(const float *x, int n) {
     return amax;
 }
 
-QRZ_AVX2 static void kv_q8_store_avx2(void *row, const float *x, int n) {
-    const float s = kv_absmax_avx2(x, n) / 127.0f;
-    int8_t *c = (int8_t *)row + 4;
-    memcpy(row, &s, sizeof s);
-    if (!(s > 0.0f)) { memset(c, 0, (size_t)n); return; }
-    const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+/* b[k] = round(clamp(x[k] / s, -lim, lim)) as int32, half to even (s > 0): the absmax codes of both row types */
+QRZ_AVX2 static void kv_codes_i32(int32_t *b, const float *x, int len, float s, float lim) {
+    const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-lim), hi = _mm256_set1_ps(lim);
     int k = 0;
-    for (; k + 8 <= n; k += 8) {
+    for (; k + 8 <= len; k += 8) {
         const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), sv), lo), hi);
-        const __m256i i32 = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-        _mm_storel_epi64((__m128i *)(c + k), _mm_packs_epi16(i16, i16));
+        _mm256_storeu_si256((__m256i *)(b + k),
+                            _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
     }
-    for (; k < n; k++) c[k] = (int8_t)nearbyintf(fminf(127.0f, fmaxf(-127.0f, x[k] / s)));
+    for (; k < len; k++) b[k] = (int32_t)nearbyintf(fminf(lim, fmaxf(-lim, x[k] / s)));
+}
+
+QRZ_AVX2 static void kv_q8_store_avx2(void *row, const float *x, int n) {
+    const int G = qrz_kv_group(n), ng = (n + G - 1) / G;
+    int8_t *c = (int8_t *)row + 4 * ng;
+    for (int g = 0; g < ng; g++) {
+        const int k0 = g * G, len = n - k0 < G ? n - k0 : G;
+        const float s = kv_absmax_avx2(x + k0, len) / 127.0f;
+        memcpy((uint8_t *)row + 4 * g, &s, sizeof s);
+        if (!(s > 0.0f)) { memset(c + k0, 0, (size_t)len); continue; }
+        int32_t b[32];                                        /* G <= 32 */
+        kv_codes_i32(b, x + k0, len, s, 127.0f);
+        int k = 0;
+        for (; k + 8 <= len; k += 8) {
+            const __m256i i32 = _mm256_loadu_si256((const __m256i *)(b + k));
+            const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+            _mm_storel_epi64((__m128i *)(c + k0 + k), _mm_packs_epi16(i16, i16));
+        }
+        for (; k < len; k++) c[k0 + k] = (int8_t)b[k];
+    }
 }
 
 QRZ_AVX2 static float kv_q8_dot_avx2(const float *q, const void *row, int n) {
-    const int8_t *c = (const int8_t *)row + 4;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    int k = 0;
-    for (; k + 16 <= n; k += 16) {
-        const __m128i v = _mm_loadu_si128((const __m128i *)(c + k));
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), kv_i8x8_ps(v), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k + 8), kv_i8x8_ps(_mm_srli_si128(v, 8)), a1);
+    const int G = qrz_kv_group(n), ng = (n + G - 1) / G;
+    const int8_t *c = (const int8_t *)row + 4 * ng;
+    __m256 acc = _mm256_setzero_ps();
+    float tail = 0.0f;
+    for (int g = 0; g < ng; g++) {      /* group starts are multiples of 16 */
+        const int k1 = n - g * G < G ? n : g * G + G;
+        int k = g * G;
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+        for (; k + 16 <= k1; k += 16) {
+            const __m128i v = _mm_loadu_si128((const __m128i *)(c + k));
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), kv_i8x8_ps(v), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k + 8), kv_i8x8_ps(_mm_srli_si128(v, 8)), s1);
+        }
+        if (k + 8 <= k1) {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), kv_i8x8_ps(_mm_loadl_epi64((const __m128i *)(c + k))), s0);
+            k += 8;
+        }
+        float rest = 0.0f;
+        for (; k < k1; k++) rest += q[k] * (float)c[k];
+        const float d = kv_get_f32((const uint8_t *)row + 4 * g);
+        acc = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(d), acc);
+        tail += rest * d;
     }
-    for (; k + 8 <= n; k += 8)
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), kv_i8x8_ps(_mm_loadl_epi64((const __m128i *)(c + k))), a0);
-    float sum = hsum8(_mm256_add_ps(a0, a1));
-    for (; k < n; k++) sum += q[k] * (float)c[k];
-    return sum * kv_get_f32(row);
+    return hsum8(acc) + tail;
 }
 
 QRZ_AVX2 static void kv_q8_axpy_avx2(float *y, float a, const void *row, int n) {
-    const int8_t *c = (const int8_t *)row + 4;
-    const float as = a * kv_get_f32(row);
-    const __m256 av = _mm256_set1_ps(as);
-    int k = 0;
-    for (; k + 8 <= n; k += 8)
-        _mm256_storeu_ps(y + k, _mm256_fmadd_ps(av, kv_i8x8_ps(_mm_loadl_epi64((const __m128i *)(c + k))),
-                                                _mm256_loadu_ps(y + k)));
-    for (; k < n; k++) y[k] += as * (float)c[k];
+    const int G = qrz_kv_group(n), ng = (n + G - 1) / G;
+    const int8_t *c = (const int8_t *)row + 4 * ng;
+    for (int g = 0; g < ng; g++) {
+        const int k1 = n - g * G < G ? n : g * G + G;
+        int k = g * G;
+        const float as = a * kv_get_f32((const uint8_t *)row + 4 * g);
+        const __m256 av = _mm256_set1_ps(as);
+        for (; k + 8 <= k1; k += 8)
+            _mm256_storeu_ps(y + k, _mm256_fmadd_ps(av, kv_i8x8_ps(_mm_loadl_epi64((const __m128i *)(c + k))),
+                                                    _mm256_loadu_ps(y + k)));
+        for (; k < k1; k++) y[k] += as * (float)c[k];
+    }
 }
 
-/* ---- 4bit SDR: [float32 s][shift nibbles][mantissa nibbles, value k in byte k/2, low nibble when k is even] ---- */
+/* ---- 4bit SDR: [float32 s][shift nibbles][mantissa nibbles, value k in byte k/2, low nibble when k is even] ----
+ * (int16 base: shifts 0..12, so a group's scale 2^e fits a float exactly) */
 /* the mantissas of 16 values (8 bytes) or 8 values (4 bytes) as int8 in -8..7, in value order */
 QRZ_AVX2 static inline __m128i kv_nibbles_i8(__m128i b) {
     const __m128i mask = _mm_set1_epi8(15);
@@ -715,7 +747,7 @@ QRZ_AVX2 static inline __m128i kv_nib8(const uint8_t *p) {
 static inline int kv_nibble(const uint8_t *p, int k) { return (p[k >> 1] >> ((k & 1) * 4)) & 15; }
 
 QRZ_AVX2 static float kv_sdr4_dot_avx2(const float *q, const void *row, int n) {
-    const int G = qrz_kv_sdr_group(n), ng = (n + G - 1) / G;
+    const int G = qrz_kv_group(n), ng = (n + G - 1) / G;
     const uint8_t *e = (const uint8_t *)row + 4, *m = e + (ng + 1) / 2;
     __m256 acc = _mm256_setzero_ps();
     float tail = 0.0f;
@@ -739,7 +771,7 @@ QRZ_AVX2 static float kv_sdr4_dot_avx2(const float *q, const void *row, int n) {
 }
 
 QRZ_AVX2 static void kv_sdr4_axpy_avx2(float *y, float a, const void *row, int n) {
-    const int G = qrz_kv_sdr_group(n), ng = (n + G - 1) / G;
+    const int G = qrz_kv_group(n), ng = (n + G - 1) / G;
     const uint8_t *e = (const uint8_t *)row + 4, *m = e + (ng + 1) / 2;
     const float as = a * kv_get_f32(row);
     for (int g = 0; g < ng; g++) {
@@ -760,34 +792,24 @@ QRZ_AVX2 static void kv_sdr4_axpy_avx2(float *y, float a, const void *row, int n
     }
 }
 
-/* the razor of one group, as the scalar store: base codes b (SIMD, as the 8bit store), e from the OR of |b| (the same
+/* the razor of one group, as the scalar store: int16 base codes b (SIMD, as int32), e from the OR of |b| (the same
  * leading one as the max), mantissas round(b / 2^e) clamped to -8..7 (SIMD), packed two per byte */
+#define KV_SDR4_BASE 32767.0f    /* kvcache.c's SDR4_BASE */
 QRZ_AVX2 static void kv_sdr4_store_avx2(void *row, const float *x, int n) {
-    const int G = qrz_kv_sdr_group(n), ng = (n + G - 1) / G;
-    const float s = kv_absmax_avx2(x, n) / 127.0f;
+    const int G = qrz_kv_group(n), ng = (n + G - 1) / G;
+    const float s = kv_absmax_avx2(x, n) / KV_SDR4_BASE;
     uint8_t *e = (uint8_t *)row + 4, *m = e + (ng + 1) / 2;
     memcpy(row, &s, sizeof s);
     memset(e, 0, (size_t)(ng + 1) / 2 + (size_t)(n + 1) / 2);
-    const __m256 sv = _mm256_set1_ps(s), b_lo = _mm256_set1_ps(-127.0f), b_hi = _mm256_set1_ps(127.0f),
-                 m_lo = _mm256_set1_ps(-8.0f), m_hi = _mm256_set1_ps(7.0f);
+    const __m256 m_lo = _mm256_set1_ps(-8.0f), m_hi = _mm256_set1_ps(7.0f);
     const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     for (int g = 0; g < ng; g++) {
         const int k0 = g * G, len = n - k0 < G ? n - k0 : G;
-        int8_t b[32];
+        int32_t b[32];                                        /* G <= 32 */
         uint8_t u[32];                                        /* mantissa + 8, value order */
-        int k = 0;
-        if (s > 0.0f) {
-            for (; k + 8 <= len; k += 8) {
-                const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + k0 + k), sv), b_lo), b_hi);
-                const __m256i i32 = _mm256_cvtps_epi32(_mm256_round_ps(v, rnd));
-                const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-                _mm_storel_epi64((__m128i *)(b + k), _mm_packs_epi16(i16, i16));
-            }
-            for (; k < len; k++) b[k] = (int8_t)nearbyintf(fminf(127.0f, fmaxf(-127.0f, x[k0 + k] / s)));
-        } else {
-            memset(b, 0, (size_t)len);
-        }
-        int mx = 0;
+        if (s > 0.0f) kv_codes_i32(b, x + k0, len, s, KV_SDR4_BASE);
+        else memset(b, 0, (size_t)len * sizeof b[0]);
+        int mx = 0, k;
         for (k = 0; k < len; k++) mx |= b[k] < 0 ? -b[k] : b[k];
         int lead = 0;
         while (mx >> (lead + 1)) lead++;
@@ -796,7 +818,7 @@ QRZ_AVX2 static void kv_sdr4_store_avx2(void *row, const float *x, int n) {
         const float step = 1.0f / (float)(1 << shift);
         const __m256 stepv = _mm256_set1_ps(step);
         for (k = 0; k + 8 <= len; k += 8) {
-            const __m256 bf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + k))));
+            const __m256 bf = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(b + k)));
             const __m256 mf = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_mul_ps(bf, stepv), rnd), m_lo), m_hi);
             const __m256i i32 = _mm256_add_epi32(_mm256_cvtps_epi32(mf), _mm256_set1_epi32(8));
             const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));

@@ -1,12 +1,16 @@
 /* kvcache.c - how the KV cache stores a key or value vector (docs/QUANTIZATION.md, "KV cache").
  *
  * The cache holds one row of head_dim values per (position slot, kv head), in one of four row types: float32,
- * float16, 8-bit (a float32 absmax scale and int8 codes) or 4-bit QRazor SDR (a float32 scale, a 3-bit shift per
- * group of values, 4-bit mantissas). A row type is three functions:
+ * float16, 8-bit (int8 codes with a float32 absmax scale per group of values) or 4-bit QRazor SDR (an int16 base
+ * with one float32 scale per row, razored to a 4-bit window and a shift per group of values). A row type is three
+ * functions:
  *   store(row, x, n)     quantize the float vector x[n] into a row
  *   dot(q, row, n)       q · row, a float query against a stored key
  *   axpy(y, a, row, n)   y += a · row, a softmax weight times a stored value
  * Attention calls them row by row, so no cache is ever dequantized into a float buffer.
+ *
+ * Groups (8bit scales, 4bit shifts) run along head_dim: qrz_kv_group(n) values each, the last one shorter when the
+ * group does not divide n.
  *
  * The scalar functions here are the reference. kernels_avx2.c fills the AVX2 column of qrz_kv; a member left NULL
  * for an ISA (every NEON one, for now) is taken from the scalar column by qrz_kv_ops_for. float32 rows go through
@@ -26,10 +30,13 @@ static float absmax(const float *x, int n) {
     return amax;
 }
 
-/* the int8 base of 8bit and 4bit rows: s = absmax/127, code = round(x/s) (half to even), all zero when s is 0 */
-static inline int8_t base_code(float x, float s) {
-    return s > 0.0f ? (int8_t)nearbyintf(fminf(127.0f, fmaxf(-127.0f, x / s))) : 0;
+/* absmax codes: s = absmax/lim, code = round(clamp(x/s, -lim, lim)) (half to even), all zero when s is 0;
+ * lim is 127 for 8bit's int8 codes, 32767 for 4bit's int16 base */
+static inline int base_code(float x, float s, float lim) {
+    return s > 0.0f ? (int)nearbyintf(fminf(lim, fmaxf(-lim, x / s))) : 0;
 }
+
+static inline int kv_groups(int n, int G) { return (n + G - 1) / G; }
 
 /* ---- f32: the float kernels of qrz_vec, one wrapper per ISA column ---- */
 static void f32_store(void *row, const float *x, int n) { memcpy(row, x, (size_t)n * sizeof(float)); }
@@ -61,38 +68,57 @@ static void f16_axpy(float *y, float a, const void *row, int n) {
     for (int k = 0; k < n; k++) y[k] += a * qrz_f16_to_f32(h[k]);
 }
 
-/* ---- 8bit: [float32 s][int8 codes x n]; value s * code ---- */
+/* ---- 8bit: [float32 d x ng][int8 codes x n]; group g (values gG .. gG+G-1) has d_g = absmax(group)/127, value
+ * k of the group d_g * c_k. Scales first, so the codes of a row are contiguous whatever G. ---- */
 static void q8_store(void *row, const float *x, int n) {
-    const float s = absmax(x, n) / 127.0f;
-    int8_t *c = (int8_t *)row + 4;
-    put_f32(row, s);
-    for (int k = 0; k < n; k++) c[k] = base_code(x[k], s);
+    const int G = qrz_kv_group(n), ng = kv_groups(n, G);
+    uint8_t *d = row;
+    int8_t *c = (int8_t *)row + 4 * ng;
+    for (int g = 0; g < ng; g++) {
+        const int k0 = g * G, k1 = n - k0 < G ? n : k0 + G;
+        const float s = absmax(x + k0, k1 - k0) / 127.0f;
+        put_f32(d + 4 * g, s);
+        for (int k = k0; k < k1; k++) c[k] = (int8_t)base_code(x[k], s, 127.0f);
+    }
 }
 
 static float q8_dot(const float *q, const void *row, int n) {
-    const int8_t *c = (const int8_t *)row + 4;
+    const int G = qrz_kv_group(n), ng = kv_groups(n, G);
+    const int8_t *c = (const int8_t *)row + 4 * ng;
     float acc = 0.0f;
-    for (int k = 0; k < n; k++) acc += q[k] * (float)c[k];
-    return acc * get_f32(row);
+    for (int g = 0; g < ng; g++) {
+        const int k0 = g * G, k1 = n - k0 < G ? n : k0 + G;
+        float sum = 0.0f;
+        for (int k = k0; k < k1; k++) sum += q[k] * (float)c[k];
+        acc += sum * get_f32((const uint8_t *)row + 4 * g);
+    }
+    return acc;
 }
 
 static void q8_axpy(float *y, float a, const void *row, int n) {
-    const int8_t *c = (const int8_t *)row + 4;
-    const float as = a * get_f32(row);
-    for (int k = 0; k < n; k++) y[k] += as * (float)c[k];
+    const int G = qrz_kv_group(n), ng = kv_groups(n, G);
+    const int8_t *c = (const int8_t *)row + 4 * ng;
+    for (int g = 0; g < ng; g++) {
+        const int k0 = g * G, k1 = n - k0 < G ? n : k0 + G;
+        const float as = a * get_f32((const uint8_t *)row + 4 * g);
+        for (int k = k0; k < k1; k++) y[k] += as * (float)c[k];
+    }
 }
 
 /* ---- 4bit, QRazor SDR: [float32 s][shift nibbles x ceil(ng/2)][mantissa nibbles x ceil(n/2)]
- * The int8 base b of 8bit rows is razored per group of G values: e = max(0, msb(max |b|) - 2) (0..4), and each
- * value keeps the 4-bit window m = clamp(round(b / 2^e), -8, 7); value s * 2^e * m. Group g's shift is the low
- * nibble of shift byte g/2 when g is even, the high one when odd; value k's mantissa, stored as m + 8, likewise
- * in mantissa byte k/2. ---- */
-static inline int sdr_groups(int n, int G) { return (n + G - 1) / G; }
+ * An int16 base per row, b = round(clamp(x/s, -32767, 32767)) with s = absmax(row)/32767, is razored per group of G
+ * values: e = max(0, msb(max |b|) - 2) (0..12), and each value keeps the 4-bit window m = clamp(round(b / 2^e), -8, 7);
+ * value s * 2^e * m. A group's step 2^e·s follows its own magnitude (a group 1000x below the row max still keeps
+ * 3-4 significant bits), which an int8 base (shifts 0..4) could not: there a group below 1/16 of the row max keeps
+ * at most 3 bits, below 1/254 none. Group g's shift is the low nibble of shift byte g/2 when g is even, the high
+ * one when odd; value k's mantissa, stored as m + 8, likewise in mantissa byte k/2. ---- */
+#define SDR4_BASE 32767.0f
+
 static inline int nibble(const uint8_t *p, int k) { return (p[k >> 1] >> ((k & 1) * 4)) & 15; }
 
 static void sdr4_store(void *row, const float *x, int n) {
-    const int G = qrz_kv_sdr_group(n), ng = sdr_groups(n, G);
-    const float s = absmax(x, n) / 127.0f;
+    const int G = qrz_kv_group(n), ng = kv_groups(n, G);
+    const float s = absmax(x, n) / SDR4_BASE;
     uint8_t *e = (uint8_t *)row + 4, *m = e + (ng + 1) / 2;
     put_f32(row, s);
     memset(e, 0, (size_t)(ng + 1) / 2 + (size_t)(n + 1) / 2);
@@ -100,7 +126,7 @@ static void sdr4_store(void *row, const float *x, int n) {
         const int k0 = g * G, len = n - k0 < G ? n - k0 : G;
         int b[32], mx = 0;                                  /* G <= 32 */
         for (int k = 0; k < len; k++) {
-            b[k] = base_code(x[k0 + k], s);
+            b[k] = base_code(x[k0 + k], s, SDR4_BASE);
             mx = abs(b[k]) > mx ? abs(b[k]) : mx;
         }
         int lead = 0;
@@ -116,7 +142,7 @@ static void sdr4_store(void *row, const float *x, int n) {
 }
 
 static float sdr4_dot(const float *q, const void *row, int n) {
-    const int G = qrz_kv_sdr_group(n), ng = sdr_groups(n, G);
+    const int G = qrz_kv_group(n), ng = kv_groups(n, G);
     const uint8_t *e = (const uint8_t *)row + 4, *m = e + (ng + 1) / 2;
     float acc = 0.0f;
     for (int g = 0; g < ng; g++) {
@@ -129,7 +155,7 @@ static float sdr4_dot(const float *q, const void *row, int n) {
 }
 
 static void sdr4_axpy(float *y, float a, const void *row, int n) {
-    const int G = qrz_kv_sdr_group(n), ng = sdr_groups(n, G);
+    const int G = qrz_kv_group(n), ng = kv_groups(n, G);
     const uint8_t *e = (const uint8_t *)row + 4, *m = e + (ng + 1) / 2;
     const float as = a * get_f32(row);
     for (int g = 0; g < ng; g++) {
@@ -140,7 +166,9 @@ static void sdr4_axpy(float *y, float a, const void *row, int n) {
 }
 
 /* ---- the table ---- */
-int qrz_kv_sdr_group(int head_dim) { return head_dim <= 32 ? head_dim : (head_dim % 32 == 0 ? 32 : 16); }
+/* 32 values, or head_dim itself when it is at most 32; 16 when 32 does not divide head_dim (and a last group of
+ * head_dim % 16 values when 16 does not either). Group starts are then multiples of 16 (the SIMD loads rely on it). */
+int qrz_kv_group(int head_dim) { return head_dim <= 32 ? head_dim : (head_dim % 32 == 0 ? 32 : 16); }
 
 uint64_t qrz_kv_row_bytes(int kv_type, int32_t head_dim) {
     if (head_dim <= 0 || head_dim > (1 << 16)) return 0;
@@ -148,9 +176,9 @@ uint64_t qrz_kv_row_bytes(int kv_type, int32_t head_dim) {
     switch (kv_type) {
     case QRZ_KV_CACHE_F32: return 4 * n;
     case QRZ_KV_CACHE_F16: return 2 * n;
-    case QRZ_KV_CACHE_Q8: return 4 + n;
+    case QRZ_KV_CACHE_Q8: return 4 * (uint64_t)kv_groups(head_dim, qrz_kv_group(head_dim)) + n;
     case QRZ_KV_CACHE_SDR4: {
-        const uint64_t ng = (uint64_t)sdr_groups(head_dim, qrz_kv_sdr_group(head_dim));
+        const uint64_t ng = (uint64_t)kv_groups(head_dim, qrz_kv_group(head_dim));
         return 4 + (ng + 1) / 2 + (n + 1) / 2;
     }
     default: return 0;

@@ -39,7 +39,7 @@ static int bind_matrix(const qrz_model *m, const char *name, int64_t rows, int64
                       (long long)rows, (long long)cols);
         return QRZ_ERR_ARCH;
     }
-    *out = (qrz_weight){(int)t->type, (int32_t)t->group_size, rows, cols, m->base + t->offset};
+    *out = (qrz_weight){(int)t->type, (int32_t)t->group_size, rows, cols, m->base + t->offset, t - m->tensors};
     return QRZ_OK;
 }
 
@@ -338,6 +338,10 @@ int32_t qrz_context_n_threads(const qrz_context *c) { return qrz_pool_size(c->po
 int32_t qrz_context_n_past(const qrz_context *c) { return c->n_past; }
 uint64_t qrz_context_kv_bytes(const qrz_context *c) { return c->kv_bytes; }
 void qrz_context_reset(qrz_context *c) { c->n_past = 0; }
+void qrz_context_set_matmul_hook(qrz_context *c, qrz_matmul_hook fn, void *user) {
+    c->matmul_hook = fn;
+    c->matmul_hook_user = user;
+}
 
 /* ---- matmul on the thread pool ---- */
 typedef struct {
@@ -368,6 +372,7 @@ static void matmul_task(void *arg, int ith, int nth) {
 
 /* y[n][w->rows] = x[n][w->cols] W^T */
 static void matmul(qrz_context *c, const qrz_weight *w, const float *x, int64_t n, float *y) {
+    if (c->matmul_hook) c->matmul_hook(c->matmul_hook_user, w->tensor, x, n, w->cols);
     const int path = qrz_act_path(w->type, c->act_bits);
     matmul_job job = {w, {n, w->cols, x, qrz_types[w->type].acts[path], c->act_q, c->act_d, c->act_e, w->group},
                       y, w->rows, qrz_matmul_for(w->type, path, c->isa)};

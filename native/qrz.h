@@ -112,6 +112,10 @@ int32_t qrz_context_n_vocab(const qrz_context *ctx);
 int32_t qrz_context_n_threads(const qrz_context *ctx);
 int32_t qrz_context_n_past(const qrz_context *ctx);         /* tokens currently held in the KV cache */
 uint64_t qrz_context_kv_bytes(const qrz_context *ctx);
+/* Calibration: when set, called before every matmul with its float input rows x[n][cols] and the index of the
+ * weight in the file's tensor directory (qrz_model_tensor). NULL removes it. */
+typedef void (*qrz_matmul_hook)(void *user, int64_t tensor, const float *x, int64_t n, int64_t cols);
+void qrz_context_set_matmul_hook(qrz_context *ctx, qrz_matmul_hook fn, void *user);
 void qrz_context_reset(qrz_context *ctx);                   /* forget the cached sequence */
 
 /* Appends tokens to the cached sequence and runs them. logits (n x n_vocab) receives every position's logits

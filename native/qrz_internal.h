@@ -56,6 +56,7 @@ typedef struct {
     int32_t group;                /* group size along cols (quantized types) */
     int64_t rows, cols;
     const void *data;             /* the tensor's bytes */
+    int64_t tensor;               /* its index in the file's tensor directory (for the matmul hook) */
 } qrz_weight;
 
 /* How a matmul's input rows are quantized for its weight format's integer kernels (docs/QUANTIZATION.md). */
@@ -125,7 +126,7 @@ typedef struct {
 extern qrz_kv_ops qrz_kv[QRZ_KV_CACHE_COUNT][QRZ_ISA_COUNT];
 extern const char *const qrz_kv_names[QRZ_KV_CACHE_COUNT];
 qrz_kv_ops qrz_kv_ops_for(int kv_type, int isa);                /* resolved: no NULL members */
-int qrz_kv_sdr_group(int head_dim);   /* 4bit rows' group: head_dim if <= 32, else 32 if it divides, else 16 */
+int qrz_kv_group(int head_dim);   /* 8bit/4bit rows' group: head_dim if <= 32, else 32 if it divides, else 16 */
 
 /* per-ISA kernel registration (kernels_avx2.c, kernels_neon.c) */
 void qrz_register_avx2(void);
@@ -180,6 +181,8 @@ struct qrz_context {
     qrz_layer *layers;                            /* [n_layers] */
     int isa;
     qrz_pool *pool;
+    qrz_matmul_hook matmul_hook;                  /* when set, sees every matmul's float input (calibration) */
+    void *matmul_hook_user;
     /* KV cache, one allocation of rows of kv_type; each layer's k and v planes point into it */
     uint8_t *kv;
     uint64_t kv_bytes;

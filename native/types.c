@@ -362,7 +362,7 @@ int qrz_kernel_matmul(int isa, int type, int32_t group, int32_t act_bits, const 
     if (!qrz_isa_supported(isa)) return QRZ_ERR_ARG;
     qrz_types_init();
     const int path = qrz_act_path(type, act_bits);
-    qrz_weight w = {type, group, rows, cols, wdata};
+    qrz_weight w = {type, group, rows, cols, wdata, -1};
     qrz_acts a = {n, cols, x, qrz_types[type].acts[path], NULL, NULL, NULL, group};
     if (a.kind != QRZ_ACTS_F32) {
         a.q = malloc((size_t)(n * cols));
@@ -381,7 +381,7 @@ int qrz_kernel_matmul(int isa, int type, int32_t group, int32_t act_bits, const 
 int qrz_kernel_dequant_row(int type, int32_t group, const void *wdata, int64_t rows, int64_t cols, int64_t r, float *out) {
     if (type < 0 || type >= QRZ_TYPE_COUNT || !wdata || !out || r < 0 || r >= rows) return QRZ_ERR_ARG;
     if (!qrz_tensor_nbytes(type, rows, cols, group)) return QRZ_ERR_ARG;
-    qrz_weight w = {type, group, rows, cols, wdata};
+    qrz_weight w = {type, group, rows, cols, wdata, -1};
     qrz_types[type].dequant_row(&w, r, out);
     return QRZ_OK;
 }

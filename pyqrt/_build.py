@@ -23,6 +23,7 @@ ffibuilder.cdef(_cdef_from_header(os.path.join(NATIVE, "qrz.h")))
 ffibuilder.cdef("""
 extern "Python" int pyqrt_on_piece(void *, const char *, size_t);
 extern "Python" void pyqrt_on_log(void *, int, const char *);
+extern "Python" void pyqrt_on_matmul(void *, int64_t, const float *, int64_t, int64_t);
 """)
 ffibuilder.set_source(
     "pyqrt._qrz",

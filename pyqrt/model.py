@@ -85,6 +85,24 @@ def pyqrt_on_piece(user, piece, length):
     return 1 if sink.abort else 0
 
 
+class _InputStats:
+    """Sums of x^2 per input column of every matmul, keyed by tensor index (the matmul hook's user pointer)."""
+
+    def __init__(self):
+        self.sums, self.rows, self.error = {}, {}, None
+
+
+@ffi.def_extern()
+def pyqrt_on_matmul(user, tensor, x, n, cols):
+    stats = ffi.from_handle(user)
+    try:
+        rows = np.frombuffer(ffi.buffer(x, n * cols * 4), dtype=np.float32).reshape(n, cols).astype(np.float64)
+        stats.sums[tensor] = stats.sums.get(tensor, 0.0) + (rows * rows).sum(axis=0)
+        stats.rows[tensor] = stats.rows.get(tensor, 0) + n
+    except BaseException as exc:   # raised after the C call returns
+        stats.error = exc
+
+
 # weight formats whose kernels take 4-bit activations (act="4bit")
 FOUR_BIT_ACT_FORMATS = {"sdr", "int4"}
 
@@ -178,6 +196,30 @@ class Model:
             _native.context_check(self._ctx, lib.qrz_score(self._ctx, _native.as_c_array(tokens, np.int32), len(tokens),
                                                            _native.as_c_array(nll, np.float64)))
         return nll
+
+    def input_statistics(self, text_or_ids, window=512, max_tokens=None):
+        """Calibration: {weight name: mean of x^2 per input column (float64)} over every matmul input while the
+        text is scored in non-overlapping windows (as perplexity does: each window's last token is only a
+        target, never an input). The converter weighs quantization error by it."""
+        window = _int_arg("window", window, 2)
+        ids = self.tokenize(text_or_ids, special=False) if isinstance(text_or_ids, str) else list(text_or_ids)
+        if max_tokens is not None:
+            ids = ids[:_int_arg("max_tokens", max_tokens, 2)]
+        stats = _InputStats()
+        handle = ffi.new_handle(stats)
+        lib.qrz_context_set_matmul_hook(self._ctx, lib.pyqrt_on_matmul, handle)
+        try:
+            for start in range(0, len(ids), window):
+                chunk = ids[start:start + window]
+                if len(chunk) < 2:
+                    break
+                self.score(chunk)
+                if stats.error is not None:
+                    raise stats.error
+        finally:
+            lib.qrz_context_set_matmul_hook(self._ctx, ffi.NULL, ffi.NULL)
+        names = [t["name"] for t in self.file.tensors]
+        return {names[i]: stats.sums[i] / stats.rows[i] for i in stats.sums}
 
     def perplexity(self, text_or_ids, window=512, max_tokens=None):
         """exp(mean NLL) over non-overlapping windows, each scored as a fresh sequence (its first token is

@@ -253,10 +253,11 @@ def converter_hash():
     return h.hexdigest()[:16]
 
 
-def converted(hf_dir, name, fmt, group_size=32):
-    """hf_dir converted by `python -m convert` into <cache>/<name>-<fmt>-g<group_size>.qrz; redone when the
-    converter's sources change (a stamp file beside the .qrz holds their hash)."""
-    out = os.path.join(CACHE, f"{name}-{fmt}-g{group_size}.qrz")
+def converted(hf_dir, name, fmt, group_size=32, calib=None):
+    """hf_dir converted by `python -m convert` into <cache>/<name>-<fmt>-g<group_size>[-<calib>].qrz; redone when
+    the converter's sources change (a stamp file beside the .qrz holds their hash). calib: a text name (c4, code)
+    for `--calib`, 4096 tokens."""
+    out = os.path.join(CACHE, f"{name}-{fmt}-g{group_size}" + (f"-{calib}" if calib else "") + ".qrz")
     stamp = out + ".stamp"
     want = converter_hash()
 
@@ -272,6 +273,8 @@ def converted(hf_dir, name, fmt, group_size=32):
         if fresh():
             return out
         cmd = [sys.executable, "-m", "convert", hf_dir, out, "--format", fmt, "--group-size", str(group_size), "-q"]
+        if calib:
+            cmd += ["--calib", text_path(calib)]
         run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if run.returncode != 0:
             raise AssetError(f"`{' '.join(cmd[1:])}` failed (exit {run.returncode}): {run.stderr.strip()[-2000:]}")
@@ -301,9 +304,11 @@ MODELS = {   # name -> (GGUF, Hugging Face directory made from it, cache prefix 
 
 
 def model_qrz(model, fmt="q8", group_size=32):
-    """model ("smollm2", "gemma3", "qwen25") converted from its Hugging Face directory"""
+    """model ("smollm2", "gemma3", "qwen25") converted from its Hugging Face directory; fmt "sdr+c4" means
+    --format sdr calibrated on c4.utf8"""
     _, hf, prefix = MODELS[model]
-    return converted(hf(), prefix, fmt, group_size)
+    fmt, _, calib = fmt.partition("+")
+    return converted(hf(), prefix, fmt, group_size, calib or None)
 
 
 if __name__ == "__main__":

@@ -413,3 +413,53 @@ def test_4bit_activations_need_a_4bit_format(tiny_hf, tmp_path):
         pyqrt.load(path, act="4bit")
     with pytest.raises(ValueError, match="act must be"):
         pyqrt.load(path, act="2bit")
+
+
+@needs_oracle
+def test_input_statistics_are_the_mean_squares_transformers_sees(tiny_hf, tmp_path):
+    """Model.input_statistics (the converter's calibration) against forward pre-hooks on transformers' Linear layers"""
+    import torch
+    from transformers import AutoModelForCausalLM
+    ids = list(range(3, 60))
+    m = pyqrt.load(convert(tiny_hf, tmp_path / "t-f32.qrz", fmt="f32", progress=False), threads=2, batch=16)
+    got = m.input_statistics(ids, window=20)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
+    want = {}
+
+    def hook(name):
+        def record(mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            s, n = want.get(name, (0, 0))
+            want[name] = (s + (x * x).sum(0).numpy(), n + x.shape[0])
+        return record
+    for name, mod in ref.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.register_forward_pre_hook(hook(name + ".weight"))
+    with torch.no_grad():
+        for start in range(0, len(ids), 20):   # the same fresh windows; scoring never runs a window's last token
+            ref(torch.tensor([ids[start:start + 20][:-1]]))
+    assert set(got) == set(want)
+    for name, (s, n) in want.items():
+        np.testing.assert_allclose(got[name], s / n, rtol=1e-4, err_msg=name)
+
+
+def test_calibrated_sdr_weighs_columns_by_their_inputs(tiny_hf, tmp_path):
+    from pyqrt.model import QrzFile
+    from convert.formats import sdr
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    plain = convert(tiny_hf, tmp_path / "plain.qrz", fmt="sdr", progress=False)
+    tuned = convert(tiny_hf, tmp_path / "tuned.qrz", fmt="sdr", progress=False, calib=str(calib), calib_tokens=512)
+    assert QrzFile(str(tuned)).metadata["quant.calibration"] == "calib.txt, 512 tokens"
+    assert "quant.calibration" not in QrzFile(str(plain)).metadata
+    assert open(plain, "rb").read() != open(tuned, "rb").read()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".f16.qrz")]   # the temporary model is gone
+    # the weighted search never does worse than the plain one on the error it minimises
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    cw = np.exp(rng.standard_normal(64) * 2)
+    def weighted_err(buf):
+        return float((((sdr.dequantize(buf, 8, 64, 16) - w) ** 2) * cw).sum())
+    assert weighted_err(sdr.quantize(w, 16, col_weight=cw)) <= weighted_err(sdr.quantize(w, 16))
+    with pytest.raises(Exception, match="calibration text"):
+        convert(tiny_hf, tmp_path / "x.qrz", fmt="sdr", progress=False, calib=str(tmp_path / "missing.txt"))

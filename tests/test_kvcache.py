@@ -29,30 +29,33 @@ F16_MAX = np.float32(65504)
 
 
 # ---- the formats in numpy ----
-def sdr_group(hd):
-    """4bit rows razor groups of 32 values, or head_dim itself when smaller, or 16 when 32 does not divide it"""
+def kv_group(hd):
+    """8bit scales and 4bit shifts cover groups of 32 values along head_dim, or head_dim itself when smaller, or 16
+    when 32 does not divide it (then a last group of hd % 16 values when 16 does not either)"""
     return hd if hd <= 32 else (32 if hd % 32 == 0 else 16)
 
 
 def row_bytes(kv, hd):
+    ng = -(-hd // kv_group(hd))
     if kv == "f32":
         return 4 * hd
     if kv == "f16":
         return 2 * hd
     if kv == "8bit":
-        return 4 + hd                                    # float32 scale + int8 codes
-    ng = -(-hd // sdr_group(hd))
+        return 4 * ng + hd                               # a float32 scale per group + int8 codes
     return 4 + (ng + 1) // 2 + (hd + 1) // 2             # float32 scale + shift nibbles + mantissa nibbles
 
 
-def int8_base(x):
-    """8bit's codes, also 4bit's base: s = absmax/127 (float32), b = round(clip(x / s, -127, 127)) half to even;
-    all zero where s is 0"""
-    s = (np.abs(x).max(axis=1) / np.float32(127)).astype(np.float32)
+def absmax_codes(x, lim):
+    """s = absmax/lim per row (float32), codes round(clip(x / s, -lim, lim)) half to even; all zero where s is 0"""
+    s = (np.abs(x).max(axis=1) / np.float32(lim)).astype(np.float32)
     safe = np.where(s > 0, s, np.float32(1)).astype(np.float32)
-    b = np.rint(np.clip(x / safe[:, None], np.float32(-127), np.float32(127))).astype(np.int32)
-    b[s == 0] = 0
-    return s, b
+    c = np.rint(np.clip(x / safe[:, None], np.float32(-lim), np.float32(lim))).astype(np.int32)
+    c[s == 0] = 0
+    return s, c
+
+
+SDR4_BASE = 32767   # 4bit's base per row: int16 (shifts 0..12)
 
 
 def pack_nibbles(v):
@@ -65,17 +68,22 @@ def reference(kv, x):
     """(stored bytes (n, row_bytes), the rows as float32) of x (n, head_dim) in row type kv"""
     x = np.ascontiguousarray(x, np.float32)
     n, hd = x.shape
+    G = kv_group(hd)
     if kv == "f32":
         return x.view(np.uint8).reshape(n, -1), x
     if kv == "f16":
         h = np.clip(x, -F16_MAX, F16_MAX).astype(np.float16)
         return h.view(np.uint8).reshape(n, -1), h.astype(np.float32)
-    s, b = int8_base(x)
-    scale_bytes = s.astype("<f4").view(np.uint8).reshape(n, 4)
     if kv == "8bit":
-        return (np.concatenate([scale_bytes, b.astype(np.int8).view(np.uint8)], axis=1),
-                (s[:, None] * b.astype(np.float32)).astype(np.float32))
-    G = sdr_group(hd)
+        scales, codes, rows = [], [], []
+        for g0 in range(0, hd, G):
+            d, c = absmax_codes(x[:, g0:g0 + G], 127)
+            scales.append(d.astype("<f4").view(np.uint8).reshape(n, 4))
+            codes.append(c.astype(np.int8).view(np.uint8))
+            rows.append((d[:, None] * c.astype(np.float32)).astype(np.float32))
+        return np.concatenate(scales + codes, axis=1), np.concatenate(rows, axis=1)
+    s, b = absmax_codes(x, SDR4_BASE)
+    scale_bytes = s.astype("<f4").view(np.uint8).reshape(n, 4)
     raws, rows = [], []
     for i in range(n):
         es, ms = [], []
@@ -85,7 +93,7 @@ def reference(kv, x):
             es.append(e)
             ms.append(np.clip(np.rint(bg / 2.0 ** e), -8, 7).astype(np.int32))
         m, e = np.concatenate(ms), np.array(es)
-        assert e.max() <= 4
+        assert e.max() <= 12
         raws.append(np.concatenate([scale_bytes[i], pack_nibbles(e), pack_nibbles(m + 8)]))
         rows.append((s[i] * (m * 2 ** np.repeat(e, G)[:hd]).astype(np.float32)).astype(np.float32))
     return np.stack(raws), np.stack(rows)
@@ -107,18 +115,30 @@ def make_rows(kind, n, hd, rng):
         x = (rng.standard_normal((n, hd)) * 1e-6).astype(np.float32)
         x[n // 2:] = (rng.standard_normal((n - n // 2, hd)) * 1e-39).astype(np.float32)
         return x
-    if kind == "halves":     # s = 1 exactly: base codes from exact halves, and groups whose razor step halves too
+    if kind == "halves":     # 8bit: d = 1 exactly in every group (127 at each multiple of 16), so codes round exact
         pattern = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 12, 3, 5, 7, -1, -3, -5, 9, 11, 13, 24, 40, 72, 100, 6, 2,
-                            -12, 20, 36], np.float32)
+                            -12, 20, 36], np.float32)     # halves
         x = np.resize(pattern, (n, hd)).astype(np.float32)
-        x[:, 0] = 127.0
         for i in range(n):
             x[i] = np.roll(x[i], i)
+        x[:, 0::16] = 127.0
         return x
+    if kind == "halves16":   # 4bit: s = 1 exactly (32767 once per row), base codes from exact halves, and groups
+        pattern = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 12, 3, 5, 7, -1, -3, -5, 9, 11, 13, 24, 40, 72, 100, 6, 2,
+                            -12, 20, 36, 1000, -3000, 20000, 6144, 2560, 1536], np.float32)
+        x = np.resize(pattern, (n, hd)).astype(np.float32)   # whose razor step halves too (e.g. 24, 40, 72 at e=4)
+        for i in range(n):
+            x[i] = np.roll(x[i], 3 * i)
+        x[:, 0] = 32767.0
+        return x
+    if kind == "spread":     # group g 8^g times smaller (down to 8^-5 = 1/32768, then again): 4bit shifts 12 .. 0
+        x = rng.standard_normal((n, hd)).astype(np.float32)
+        x[:, 0] = 4.0
+        return (x * np.float32(8.0) ** -((np.arange(hd) // kv_group(hd)) % 6)).astype(np.float32)
     raise ValueError(kind)
 
 
-KINDS = ["random", "zeros", "extremes", "outlier", "tiny", "halves"]
+KINDS = ["random", "zeros", "extremes", "outlier", "tiny", "halves", "halves16", "spread"]
 
 
 def _sums(x):
@@ -166,10 +186,51 @@ def test_simd_matches_scalar(isa, kv, hd):
     assert (np.abs(got[3] - want[3]) <= 2e-6 * 9 * _sums((a[:, None] * r).T)).all()
 
 
-def test_4bit_row_is_about_half_a_byte_per_value():
-    for hd, want in [(64, 4 + 1 + 32), (128, 4 + 2 + 64), (256, 4 + 4 + 128), (80, 4 + 3 + 40), (16, 4 + 1 + 8)]:
-        assert _native.kv_row_bytes("4bit", hd) == want
+def test_row_bytes():
+    # 8bit: a float32 scale per group of 32 (16 when 32 does not divide head_dim; one group up to 32) + a byte a value
+    for hd, want in [(64, 8 + 64), (128, 16 + 128), (256, 32 + 256), (80, 20 + 80), (50, 16 + 50), (16, 4 + 16),
+                     (7, 4 + 7), (1, 4 + 1)]:
+        assert _native.kv_row_bytes("8bit", hd) == want, hd
+    # 4bit: about half a byte a value
+    for hd, want in [(64, 4 + 1 + 32), (128, 4 + 2 + 64), (256, 4 + 4 + 128), (80, 4 + 3 + 40), (16, 4 + 1 + 8),
+                     (7, 4 + 1 + 4)]:
+        assert _native.kv_row_bytes("4bit", hd) == want, hd
+    for hd in (1, 7, 64, 256):
+        assert _native.kv_row_bytes("f32", hd) == 4 * hd and _native.kv_row_bytes("f16", hd) == 2 * hd
     assert _native.kv_row_bytes("f32", 0) == 0 and lib.qrz_kv_row_bytes(4, 64) == 0 and lib.qrz_kv_row_bytes(-1, 64) == 0
+
+
+@pytest.mark.parametrize("hd", [48, 64, 80, 256])
+@pytest.mark.parametrize("isa", ISAS)
+def test_small_groups_keep_their_precision(isa, hd):
+    """a few large channels (as SmolLM2's keys have) do not cost the rest of the row its precision: an 8bit group's
+    error is at most half its own step absmax(group)/127; a 4bit group's at most a quarter of its own absmax (+ the
+    int16 base's step, 1/32767 of the row's absmax) even 1000x below the row's largest value, where an int8 base
+    (shifts 0..4) rounds everything below 1/254 of it to zero"""
+    rng = np.random.default_rng(hd)
+    G = kv_group(hd)
+    x = rng.standard_normal((6, hd)).astype(np.float32)
+    x[:, 0] *= np.float32(1000)           # one large channel in the first group
+    x[1, G:] *= np.float32(1e-3)          # and groups far smaller still
+    raw, rows, _, _ = _native.kernel_kv_rows(isa, "8bit", x)
+    for g0 in range(0, hd, G):
+        xg, rg = x[:, g0:g0 + G], rows[:, g0:g0 + G]
+        assert (np.abs(rg - xg).max(axis=1) <= np.abs(xg).max(axis=1) / 254 * (1 + 1e-6)).all(), g0
+        alone = _native.kernel_kv_rows(isa, "8bit", np.ascontiguousarray(xg))[1]
+        np.testing.assert_array_equal(rg, alone)   # a group is stored as if it were a row of its own
+    raw, rows, _, _ = _native.kernel_kv_rows(isa, "4bit", x)
+    s = np.abs(x).max(axis=1) / 32767
+    for g0 in range(0, hd, G):
+        xg, rg = x[:, g0:g0 + G], rows[:, g0:g0 + G]
+        assert (np.abs(rg - xg).max(axis=1) <= np.abs(xg).max(axis=1) / 4 + s).all(), g0
+    # spread rows reach both ends of the shifts: 12 for the group holding the row's absmax, 0 for one 8^4 below it
+    raw = _native.kernel_kv_rows(isa, "4bit", make_rows("spread", 3, hd, rng))[0]
+    ng = -(-hd // G)
+    shifts = np.stack([raw[:, 4:4 + (ng + 1) // 2] & 15, raw[:, 4:4 + (ng + 1) // 2] >> 4], axis=2).reshape(3, -1)
+    assert (shifts[:, 0] == 12).all() and shifts.max() <= 12
+    assert (np.diff(shifts[:, :min(ng, 5)].astype(int), axis=1) < 0).all()   # a shift per magnitude
+    if ng >= 5:
+        assert (shifts[:, 4] == 0).all()
 
 
 def test_kernel_entry_point_rejects_bad_arguments():

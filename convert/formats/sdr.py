@@ -4,9 +4,10 @@ Stage 1 scales each output row to an int8 base, b = round(w / s); stage 2 keeps,
 along the reduction axis, a 4-bit signed window m = clamp(round(b / 2^e), -8, 7) below the group's leading one,
 and the window's position e. Value: w = s * 2^e * m.
 
-QRazor's rule puts the window at e = max(0, msb(max|b|) - 2). The converter also tries e - 1 per group and 13
-row scales s = c * absmax / 127, c in [0.70, 1.00], keeping whichever gives the smaller squared error: a search
-among values the format can store, decoded exactly as QRazor decodes.
+QRazor's rule puts the window at e = max(0, msb(max|b|) - 2). The converter also tries e - 1 per group and 21
+row scales s = c * absmax / 127, c in [0.50, 1.00], keeping whichever gives the smaller squared error (weighted
+per input column by calibration statistics when given): a search among values the format can store, decoded
+exactly as QRazor decodes.
 
 Layout (docs/FORMAT.md): float32 row scales (padded to 64 bytes), the shift plane (two 4-bit shifts per byte,
 group g in the low nibble when g is even; padded to 64 bytes), then the shared nibble plane (nibbles.py).
@@ -19,9 +20,10 @@ TYPE_ID = 3
 QUANTIZED = True
 DEFAULT_GROUP = 16
 ACTS_4BIT = True
+CALIBRATED = True             # quantize() takes col_weight
 MAX_GROUP = 256
 MAX_COLS = 1 << 17            # int32 accumulation bound of the W4A8 kernel
-ROW_SCALE_CANDIDATES = np.linspace(0.70, 1.00, 13, dtype=np.float32)
+ROW_SCALE_CANDIDATES = np.linspace(0.50, 1.00, 21, dtype=np.float32)
 
 
 def _flag_bytes(cols, group):
@@ -41,27 +43,31 @@ def leading_one(x):
     return np.where(x > 0, np.floor(np.log2(np.maximum(x, 1))).astype(np.int64), 0)
 
 
-def razor(b, group, search=True):
+def razor(b, group, search=True, col_weight=None):
     """b: integer base values (rows, cols) -> (m int8 (rows, cols), e uint8 (rows, ng)). QRazor's window, or with
-    search=True the better of it and the next finer one per group."""
+    search=True the better of it and the next finer one per group (squared error, weighted per column by
+    col_weight when given)."""
     rows, cols = b.shape
     g = b.reshape(rows, cols // group, group).astype(np.int64)
+    cw = np.ones((1, cols // group, group)) if col_weight is None else \
+        np.asarray(col_weight, np.float64).reshape(1, cols // group, group)
     e = np.maximum(0, leading_one(np.abs(g).max(axis=2)) - 2)
     best_e = e
     best_m = np.clip(np.rint(g / (2.0 ** e)[:, :, None]), -8, 7)
     if search:
-        best_err = ((best_m * (2.0 ** e)[:, :, None] - g) ** 2).sum(axis=2)
+        best_err = (cw * (best_m * (2.0 ** e)[:, :, None] - g) ** 2).sum(axis=2)
         e2 = np.maximum(0, e - 1)
         m2 = np.clip(np.rint(g / (2.0 ** e2)[:, :, None]), -8, 7)
-        err2 = ((m2 * (2.0 ** e2)[:, :, None] - g) ** 2).sum(axis=2)
+        err2 = (cw * (m2 * (2.0 ** e2)[:, :, None] - g) ** 2).sum(axis=2)
         better = err2 < best_err
         best_e = np.where(better, e2, e)
         best_m = np.where(better[:, :, None], m2, best_m)
     return best_m.astype(np.int8).reshape(rows, cols), best_e.astype(np.uint8)
 
 
-def quantize_parts(w, group, search=True):
-    """-> (s float32 (rows,), e uint8 (rows, ng), m int8 (rows, cols))"""
+def quantize_parts(w, group, search=True, col_weight=None):
+    """-> (s float32 (rows,), e uint8 (rows, ng), m int8 (rows, cols)). col_weight (cols,): how much an error in
+    each input column costs (e.g. the mean square of that input channel on calibration text); None: uniform."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     rows, cols = w.shape
     amax = np.abs(w).max(axis=1)
@@ -70,9 +76,9 @@ def quantize_parts(w, group, search=True):
         s = (amax * c / np.float32(127)).astype(np.float32)
         safe = np.where(s > 0, s, 1).astype(np.float32)
         b = np.clip(np.rint(w / safe[:, None]), -127, 127)
-        m, e = razor(b, group, search)
+        m, e = razor(b, group, search, col_weight)
         rec = s[:, None] * (m.astype(np.float32).reshape(rows, -1, group) * (2.0 ** e)[:, :, None]).reshape(rows, cols).astype(np.float32)
-        err = ((rec - w).astype(np.float64) ** 2).sum(axis=1)
+        err = ((rec - w).astype(np.float64) ** 2 * (1.0 if col_weight is None else col_weight[None, :])).sum(axis=1)
         if best is None:
             best = [s, e, m, err]
         else:
@@ -97,10 +103,10 @@ def pack(s, e, m, group):
     return out
 
 
-def quantize(w, group, search=True):
+def quantize(w, group, search=True, col_weight=None):
     rows, cols = w.shape
     nbytes(rows, cols, group)
-    return pack(*quantize_parts(w, group, search), group)
+    return pack(*quantize_parts(w, group, search, col_weight), group)
 
 
 def unpack(buf, rows, cols, group):

@@ -505,8 +505,10 @@ QRZ_AVX2_INLINE void int4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i
     for (int64_t r = r0; r < r1; r++) {
         const uint16_t *wd = scales + r * ng;
         const uint8_t *mant = mant_all + r * (K / 2);
-        __m256 acc[4], acc2[4];   /* a single activation row alternates two chains, to hide the FMA latency */
-        for (int t = 0; t < NT; t++) acc[t] = acc2[t] = _mm256_setzero_ps();
+        /* one accumulator chain per activation row whatever NT is, so a row's result does not depend on how many
+         * rows share the call (batch invariance: scoring a prompt in one pass or token by token agrees exactly) */
+        __m256 acc[4];
+        for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
         if (RPG >= 0) {
             const int64_t step_m = 16 * rpg, step_x = 32 * rpg;
             for (int64_t g0 = 0; g0 < ng; g0 += 8) {
@@ -517,7 +519,7 @@ QRZ_AVX2_INLINE void int4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i
                 for (; j + 2 <= gn; j += 2) {
                     const int64_t g = g0 + j;
                     int4_group(mant + g * step_m, xq + g * step_x, K, rpg, RPG, sc + j, NT, acc);
-                    int4_group(mant + (g + 1) * step_m, xq + (g + 1) * step_x, K, rpg, RPG, sc + j + 1, NT, NT == 1 ? acc2 : acc);
+                    int4_group(mant + (g + 1) * step_m, xq + (g + 1) * step_x, K, rpg, RPG, sc + j + 1, NT, acc);
                 }
                 if (j < gn) int4_group(mant + (g0 + j) * step_m, xq + (g0 + j) * step_x, K, rpg, RPG, sc + j, NT, acc);
             }
@@ -529,7 +531,7 @@ QRZ_AVX2_INLINE void int4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i
                 int j = 0;
                 for (; 2 * j + 4 <= gn; j += 2) {
                     int4_run16(mant + 16 * (c0 + j), xq + 32 * (c0 + j), K, sc, j, NT, acc);
-                    int4_run16(mant + 16 * (c0 + j + 1), xq + 32 * (c0 + j + 1), K, sc, j + 1, NT, NT == 1 ? acc2 : acc);
+                    int4_run16(mant + 16 * (c0 + j + 1), xq + 32 * (c0 + j + 1), K, sc, j + 1, NT, acc);
                 }
                 if (2 * j < gn) int4_run16(mant + 16 * (c0 + j), xq + 32 * (c0 + j), K, sc, j, NT, acc);
             }
@@ -547,7 +549,7 @@ QRZ_AVX2_INLINE void int4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i
                 }
             }
         }
-        for (int t = 0; t < NT; t++) y[(i + t) * ldy + r] = hsum8(NT == 1 ? _mm256_add_ps(acc[t], acc2[t]) : acc[t]);
+        for (int t = 0; t < NT; t++) y[(i + t) * ldy + r] = hsum8(acc[t]);
     }
 }
 

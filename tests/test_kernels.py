@@ -490,3 +490,24 @@ def test_4bit_bad_shapes_rejected(type_name):
             _native.kernel_matmul("scalar", type_id, 32, wbytes, 4, 96, x, act_bits)
     with pytest.raises(ValueError):          # a buffer of the wrong size
         _native.kernel_matmul("scalar", type_id, 32, wbytes[:-1], 4, 96, x)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("type_name,group", [("q8", 32), ("q8", 64), ("sdr", 16), ("sdr", 32), ("sdr", 96),
+                                             ("int4", 16), ("int4", 32), ("int4", 64), ("int4", 96)])
+@pytest.mark.parametrize("act_bits", [8, 4])
+def test_integer_kernels_are_batch_invariant(isa, type_name, group, act_bits):
+    """a row's result must not depend on how many activation rows share the call: scoring a prompt in one pass
+    and token by token then agree bit for bit (quantized activations turn a last-bit difference into a flipped
+    code, which a deep model amplifies)"""
+    from convert.formats import FORMATS
+    rng = np.random.default_rng(11)
+    rows, cols, n = 24, 96 * 4, 9
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    wbytes = FORMATS[type_name].quantize(w, group)
+    tid = getattr(lib, f"QRZ_TYPE_{type_name.upper()}")
+    whole = _native.kernel_matmul(isa, tid, group, wbytes, rows, cols, x, act_bits)
+    for i0, i1 in [(0, 1), (1, 3), (3, 7), (7, 9)]:
+        part = _native.kernel_matmul(isa, tid, group, wbytes, rows, cols, x[i0:i1], act_bits)
+        np.testing.assert_array_equal(part, whole[i0:i1])

@@ -34,6 +34,7 @@ from convert.formats import nibbles
 from convert.formats import q8 as q8_format
 from convert.formats import sdr as sdr_format
 from convert.formats import align64
+from tests.test_kernels import make_weight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NATIVE = os.path.join(ROOT, "native")
@@ -108,19 +109,8 @@ def _build_driver():
 
 # ---- weights and activations ----
 def _weight(kind, rows, cols, rng):
-    if kind in ("random", "raw", "max"):
-        return rng.standard_normal((rows, cols)).astype(np.float32)
-    if kind == "zeros":
-        return np.zeros((rows, cols), np.float32)
-    if kind == "extremes":   # large but finite in f16, mixed signs, with exact zeros between
-        return rng.choice(np.array([-6.0e4, -1.0, 0.0, 1.0, 6.0e4], np.float32), size=(rows, cols))
-    if kind == "outlier":    # one huge value per row: the rest of its group quantizes to (near) zero
-        w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.01
-        w[np.arange(rows), rng.integers(0, cols, rows)] = 100.0
-        return w
-    if kind == "tiny":       # values in the f16 subnormal range
-        return (rng.standard_normal((rows, cols)) * 1e-6).astype(np.float32)
-    raise ValueError(kind)
+    # "raw" and "max" start from random weights whose codes the case then overwrites
+    return make_weight("random" if kind in ("raw", "max") else kind, rows, cols, rng)
 
 
 def _acts(kind, n, cols, rng):

@@ -10,8 +10,24 @@ Adding a format is adding a module and a row in FORMATS.
 """
 
 
+import numpy as np
+
+
 def align64(n):
     return (n + 63) // 64 * 64
+
+
+def absmax_groups(w, group, qmax, lo, hi):
+    """Round-to-nearest per group along the last axis: f16 scales d = absmax / qmax, and the codes
+    clamp(round_half_even(w / d), lo, hi) computed with the rounded d (so dequantizing is exactly d * code).
+    -> (d16 float16 (rows, ng), codes int8 (rows, cols))"""
+    rows, cols = w.shape
+    g = np.ascontiguousarray(w, dtype=np.float32).reshape(rows, cols // group, group)
+    d16 = (np.abs(g).max(axis=2) / np.float32(qmax)).astype(np.float16)
+    d = d16.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d[:, :, None] > 0, np.rint(g / d[:, :, None]), 0)
+    return d16, np.clip(q, lo, hi).astype(np.int8).reshape(rows, cols)
 
 
 from . import f16, f32, int4, q8, sdr  # noqa: E402  (the format modules use align64)

@@ -5,7 +5,7 @@ nibble plane (nibbles.py) of m = clamp(round(w / d), -8, 7) computed with the ro
 """
 import numpy as np
 
-from . import align64, nibbles
+from . import absmax_groups, align64, nibbles
 
 TYPE_ID = 4
 QUANTIZED = True
@@ -22,12 +22,7 @@ def nbytes(rows, cols, group):
 def quantize(w, group):
     rows, cols = w.shape
     nbytes(rows, cols, group)
-    g = np.ascontiguousarray(w, dtype=np.float32).reshape(rows, cols // group, group)
-    d16 = (np.abs(g).max(axis=2) / np.float32(7)).astype(np.float16)
-    d = d16.astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        m = np.where(d[:, :, None] > 0, np.rint(g / d[:, :, None]), 0)
-    m = np.clip(m, -8, 7).astype(np.int8).reshape(rows, cols)
+    d16, m = absmax_groups(w, group, 7, -8, 7)
     out = np.zeros(nbytes(rows, cols, group), dtype=np.uint8)
     scale_bytes = d16.astype("<f2").reshape(-1).view(np.uint8)
     out[:scale_bytes.size] = scale_bytes

@@ -6,7 +6,7 @@ dequantize(quantize(w)) is exactly what the kernels multiply with.
 """
 import numpy as np
 
-from . import align64
+from . import absmax_groups, align64
 
 TYPE_ID = 2
 QUANTIZED = True
@@ -22,12 +22,7 @@ def nbytes(rows, cols, group):
 def quantize(w, group):
     rows, cols = w.shape
     nbytes(rows, cols, group)
-    g = np.ascontiguousarray(w, dtype=np.float32).reshape(rows, cols // group, group)
-    d16 = (np.abs(g).max(axis=2) / np.float32(127)).astype(np.float16)
-    d = d16.astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(d[:, :, None] > 0, np.rint(g / d[:, :, None]), 0)
-    q = np.clip(q, -127, 127).astype(np.int8)
+    d16, q = absmax_groups(w, group, 127, -127, 127)
     out = np.zeros(nbytes(rows, cols, group), dtype=np.uint8)
     scale_bytes = d16.astype("<f2").reshape(-1).view(np.uint8)
     out[:scale_bytes.size] = scale_bytes

@@ -658,16 +658,17 @@ QRZ_AVX2 static float kv_absmax_avx2(const float *x, int n) {
     return amax;
 }
 
-/* b[k] = round(clamp(x[k] / s, -lim, lim)) as int32, half to even (s > 0): the absmax codes of both row types */
-QRZ_AVX2 static void kv_codes_i32(int32_t *b, const float *x, int len, float s, float lim) {
-    const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-lim), hi = _mm256_set1_ps(lim);
+/* c[k] = round(clamp(x[k] / s, -127, 127)), half to even, for s > 0 (also the 4bit store's base codes) */
+QRZ_AVX2 static void kv_i8_codes(int8_t *c, const float *x, int len, float s) {
+    const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
     int k = 0;
     for (; k + 8 <= len; k += 8) {
         const __m256 v = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), sv), lo), hi);
-        _mm256_storeu_si256((__m256i *)(b + k),
-                            _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        const __m256i i32 = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storel_epi64((__m128i *)(c + k), _mm_packs_epi16(i16, i16));
     }
-    for (; k < len; k++) b[k] = (int32_t)nearbyintf(fminf(lim, fmaxf(-lim, x[k] / s)));
+    for (; k < len; k++) c[k] = (int8_t)nearbyintf(fminf(127.0f, fmaxf(-127.0f, x[k] / s)));
 }
 
 QRZ_AVX2 static void kv_q8_store_avx2(void *row, const float *x, int n) {
@@ -677,16 +678,8 @@ QRZ_AVX2 static void kv_q8_store_avx2(void *row, const float *x, int n) {
         const int k0 = g * G, len = n - k0 < G ? n - k0 : G;
         const float s = kv_absmax_avx2(x + k0, len) / 127.0f;
         memcpy((uint8_t *)row + 4 * g, &s, sizeof s);
-        if (!(s > 0.0f)) { memset(c + k0, 0, (size_t)len); continue; }
-        int32_t b[32];                                        /* G <= 32 */
-        kv_codes_i32(b, x + k0, len, s, 127.0f);
-        int k = 0;
-        for (; k + 8 <= len; k += 8) {
-            const __m256i i32 = _mm256_loadu_si256((const __m256i *)(b + k));
-            const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-            _mm_storel_epi64((__m128i *)(c + k0 + k), _mm_packs_epi16(i16, i16));
-        }
-        for (; k < len; k++) c[k0 + k] = (int8_t)b[k];
+        if (s > 0.0f) kv_i8_codes(c + k0, x + k0, len, s);
+        else memset(c + k0, 0, (size_t)len);
     }
 }
 
@@ -732,8 +725,7 @@ QRZ_AVX2 static void kv_q8_axpy_avx2(float *y, float a, const void *row, int n) 
     }
 }
 
-/* ---- 4bit SDR: [float32 s][shift nibbles][mantissa nibbles, value k in byte k/2, low nibble when k is even] ----
- * (int16 base: shifts 0..12, so a group's scale 2^e fits a float exactly) */
+/* ---- 4bit SDR: [float32 s][shift nibbles][mantissa nibbles, value k in byte k/2, low nibble when k is even] ---- */
 /* the mantissas of 16 values (8 bytes) or 8 values (4 bytes) as int8 in -8..7, in value order */
 QRZ_AVX2 static inline __m128i kv_nibbles_i8(__m128i b) {
     const __m128i mask = _mm_set1_epi8(15);
@@ -794,12 +786,11 @@ QRZ_AVX2 static void kv_sdr4_axpy_avx2(float *y, float a, const void *row, int n
     }
 }
 
-/* the razor of one group, as the scalar store: int16 base codes b (SIMD, as int32), e from the OR of |b| (the same
+/* the razor of one group, as the scalar store: base codes b (SIMD, as the 8bit store), e from the OR of |b| (the same
  * leading one as the max), mantissas round(b / 2^e) clamped to -8..7 (SIMD), packed two per byte */
-#define KV_SDR4_BASE 32767.0f    /* kvcache.c's SDR4_BASE */
 QRZ_AVX2 static void kv_sdr4_store_avx2(void *row, const float *x, int n) {
     const int G = qrz_kv_group(n), ng = (n + G - 1) / G;
-    const float s = kv_absmax_avx2(x, n) / KV_SDR4_BASE;
+    const float s = kv_absmax_avx2(x, n) / 127.0f;
     uint8_t *e = (uint8_t *)row + 4, *m = e + (ng + 1) / 2;
     memcpy(row, &s, sizeof s);
     memset(e, 0, (size_t)(ng + 1) / 2 + (size_t)(n + 1) / 2);
@@ -807,11 +798,12 @@ QRZ_AVX2 static void kv_sdr4_store_avx2(void *row, const float *x, int n) {
     const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     for (int g = 0; g < ng; g++) {
         const int k0 = g * G, len = n - k0 < G ? n - k0 : G;
-        int32_t b[32];                                        /* G <= 32 */
+        int8_t b[32];
         uint8_t u[32];                                        /* mantissa + 8, value order */
-        if (s > 0.0f) kv_codes_i32(b, x + k0, len, s, KV_SDR4_BASE);
-        else memset(b, 0, (size_t)len * sizeof b[0]);
-        int mx = 0, k;
+        int k;
+        if (s > 0.0f) kv_i8_codes(b, x + k0, len, s);
+        else memset(b, 0, (size_t)len);
+        int mx = 0;
         for (k = 0; k < len; k++) mx |= b[k] < 0 ? -b[k] : b[k];
         int lead = 0;
         while (mx >> (lead + 1)) lead++;
@@ -820,7 +812,7 @@ QRZ_AVX2 static void kv_sdr4_store_avx2(void *row, const float *x, int n) {
         const float step = 1.0f / (float)(1 << shift);
         const __m256 stepv = _mm256_set1_ps(step);
         for (k = 0; k + 8 <= len; k += 8) {
-            const __m256 bf = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(b + k)));
+            const __m256 bf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + k))));
             const __m256 mf = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_mul_ps(bf, stepv), rnd), m_lo), m_hi);
             const __m256i i32 = _mm256_add_epi32(_mm256_cvtps_epi32(mf), _mm256_set1_epi32(8));
             const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));

@@ -1,7 +1,7 @@
 /* kvcache.c - how the KV cache stores a key or value vector (docs/QUANTIZATION.md, "KV cache").
  *
  * The cache holds one row of head_dim values per (position slot, kv head), in one of four row types: float32,
- * float16, 8-bit (int8 codes with a float32 absmax scale per group of values) or 4-bit QRazor SDR (an int16 base
+ * float16, 8-bit (int8 codes with a float32 absmax scale per group of values) or 4-bit QRazor SDR (an int8 base
  * with one float32 scale per row, razored to a 4-bit window and a shift per group of values). A row type is three
  * functions:
  *   store(row, x, n)     quantize the float vector x[n] into a row
@@ -30,8 +30,7 @@ static float absmax(const float *x, int n) {
     return amax;
 }
 
-/* absmax codes: s = absmax/lim, code = round(clamp(x/s, -lim, lim)) (half to even), all zero when s is 0;
- * lim is 127 for 8bit's int8 codes, 32767 for 4bit's int16 base */
+/* absmax codes: s = absmax/lim, code = round(clamp(x/s, -lim, lim)) (half to even), all zero when s is 0 */
 static inline int base_code(float x, float s, float lim) {
     return s > 0.0f ? (int)nearbyintf(fminf(lim, fmaxf(-lim, x / s))) : 0;
 }
@@ -106,13 +105,13 @@ static void q8_axpy(float *y, float a, const void *row, int n) {
 }
 
 /* ---- 4bit, QRazor SDR: [float32 s][shift nibbles x ceil(ng/2)][mantissa nibbles x ceil(n/2)]
- * An int16 base per row, b = round(clamp(x/s, -32767, 32767)) with s = absmax(row)/32767, is razored per group of G
- * values: e = max(0, msb(max |b|) - 2) (0..12), and each value keeps the 4-bit window m = clamp(round(b / 2^e), -8, 7);
- * value s * 2^e * m. A group's step 2^e·s follows its own magnitude (a group 1000x below the row max still keeps
- * 3-4 significant bits), which an int8 base (shifts 0..4) could not: there a group below 1/16 of the row max keeps
- * at most 3 bits, below 1/254 none. Group g's shift is the low nibble of shift byte g/2 when g is even, the high
- * one when odd; value k's mantissa, stored as m + 8, likewise in mantissa byte k/2. ---- */
-#define SDR4_BASE 32767.0f
+ * An int8 base per row, b = round(clamp(x/s, -127, 127)) with s = absmax(row)/127 (8bit's codes with one scale for
+ * the whole row), is razored per group of G values: e = max(0, msb(max |b|) - 2) (0..4), and each value keeps the
+ * 4-bit window m = clamp(round(b / 2^e), -8, 7); value s * 2^e * m. Group g's shift is the low nibble of shift byte
+ * g/2 when g is even, the high one when odd; value k's mantissa, stored as m + 8, likewise in mantissa byte k/2.
+ * (An int16 base, shifts 0..12, was measured against this one and gave no better perplexity: docs/QUANTIZATION.md.)
+ * ---- */
+#define SDR4_BASE 127.0f
 
 static inline int nibble(const uint8_t *p, int k) { return (p[k >> 1] >> ((k & 1) * 4)) & 15; }
 

@@ -55,9 +55,6 @@ def absmax_codes(x, lim):
     return s, c
 
 
-SDR4_BASE = 32767   # 4bit's base per row: int16 (shifts 0..12)
-
-
 def pack_nibbles(v):
     """values 0..15 -> bytes, value k in byte k // 2, the low nibble when k is even"""
     v = np.concatenate([np.asarray(v, np.uint8), np.zeros(len(v) % 2, np.uint8)])
@@ -82,7 +79,7 @@ def reference(kv, x):
             codes.append(c.astype(np.int8).view(np.uint8))
             rows.append((d[:, None] * c.astype(np.float32)).astype(np.float32))
         return np.concatenate(scales + codes, axis=1), np.concatenate(rows, axis=1)
-    s, b = absmax_codes(x, SDR4_BASE)
+    s, b = absmax_codes(x, 127)                          # 4bit: an int8 base per row, razored per group
     scale_bytes = s.astype("<f4").view(np.uint8).reshape(n, 4)
     raws, rows = [], []
     for i in range(n):
@@ -93,7 +90,7 @@ def reference(kv, x):
             es.append(e)
             ms.append(np.clip(np.rint(bg / 2.0 ** e), -8, 7).astype(np.int32))
         m, e = np.concatenate(ms), np.array(es)
-        assert e.max() <= 12
+        assert e.max() <= 4
         raws.append(np.concatenate([scale_bytes[i], pack_nibbles(e), pack_nibbles(m + 8)]))
         rows.append((s[i] * (m * 2 ** np.repeat(e, G)[:hd]).astype(np.float32)).astype(np.float32))
     return np.stack(raws), np.stack(rows)
@@ -115,30 +112,28 @@ def make_rows(kind, n, hd, rng):
         x = (rng.standard_normal((n, hd)) * 1e-6).astype(np.float32)
         x[n // 2:] = (rng.standard_normal((n - n // 2, hd)) * 1e-39).astype(np.float32)
         return x
-    if kind == "halves":     # 8bit: d = 1 exactly in every group (127 at each multiple of 16), so codes round exact
+    if kind in ("halves", "halves_row"):
+        # s = 1 exactly: codes from exact halves, and groups whose razor step halves too (24, 40, 72 at e = 4; 36, 20,
+        # 12 at e = 3). "halves": 127 at each multiple of 16, so also d = 1 in every 8bit group; "halves_row": 127
+        # once per row (the 4bit base's s = 1), so groups without it take smaller shifts
         pattern = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 12, 3, 5, 7, -1, -3, -5, 9, 11, 13, 24, 40, 72, 100, 6, 2,
-                            -12, 20, 36], np.float32)     # halves
+                            -12, 20, 36], np.float32)
         x = np.resize(pattern, (n, hd)).astype(np.float32)
+        if kind == "halves_row":
+            x[:, 0] = 127.0
         for i in range(n):
             x[i] = np.roll(x[i], i)
-        x[:, 0::16] = 127.0
+        if kind == "halves":
+            x[:, 0::16] = 127.0
         return x
-    if kind == "halves16":   # 4bit: s = 1 exactly (32767 once per row), base codes from exact halves, and groups
-        pattern = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 12, 3, 5, 7, -1, -3, -5, 9, 11, 13, 24, 40, 72, 100, 6, 2,
-                            -12, 20, 36, 1000, -3000, 20000, 6144, 2560, 1536], np.float32)
-        x = np.resize(pattern, (n, hd)).astype(np.float32)   # whose razor step halves too (e.g. 24, 40, 72 at e=4)
-        for i in range(n):
-            x[i] = np.roll(x[i], 3 * i)
-        x[:, 0] = 32767.0
-        return x
-    if kind == "spread":     # group g 8^g times smaller (down to 8^-5 = 1/32768, then again): 4bit shifts 12 .. 0
-        x = rng.standard_normal((n, hd)).astype(np.float32)
-        x[:, 0] = 4.0
+    if kind == "spread":     # group g 8^g times smaller (down to 8^-5, then again): 8bit scales apart, 4bit shifts 4..0
+        x = np.clip(rng.standard_normal((n, hd)), -3.9, 3.9).astype(np.float32)
+        x[:, 0::kv_group(hd)] = 4.0                          # each group's absmax: 4 * 8^-g
         return (x * np.float32(8.0) ** -((np.arange(hd) // kv_group(hd)) % 6)).astype(np.float32)
     raise ValueError(kind)
 
 
-KINDS = ["random", "zeros", "extremes", "outlier", "tiny", "halves", "halves16", "spread"]
+KINDS = ["random", "zeros", "extremes", "outlier", "tiny", "halves", "halves_row", "spread"]
 
 
 def _sums(x):
@@ -202,35 +197,39 @@ def test_row_bytes():
 
 @pytest.mark.parametrize("hd", [48, 64, 80, 256])
 @pytest.mark.parametrize("isa", ISAS)
-def test_small_groups_keep_their_precision(isa, hd):
-    """a few large channels (as SmolLM2's keys have) do not cost the rest of the row its precision: an 8bit group's
-    error is at most half its own step absmax(group)/127; a 4bit group's at most a quarter of its own absmax (+ the
-    int16 base's step, 1/32767 of the row's absmax) even 1000x below the row's largest value, where an int8 base
-    (shifts 0..4) rounds everything below 1/254 of it to zero"""
+def test_8bit_groups_keep_their_precision(isa, hd):
+    """a few large channels (as SmolLM2's keys have) do not cost the rest of an 8bit row its precision: each group
+    is stored as if it were a row of its own, so its error is at most half its own step absmax(group)/127"""
     rng = np.random.default_rng(hd)
     G = kv_group(hd)
     x = rng.standard_normal((6, hd)).astype(np.float32)
     x[:, 0] *= np.float32(1000)           # one large channel in the first group
     x[1, G:] *= np.float32(1e-3)          # and groups far smaller still
-    raw, rows, _, _ = _native.kernel_kv_rows(isa, "8bit", x)
+    rows = _native.kernel_kv_rows(isa, "8bit", x)[1]
     for g0 in range(0, hd, G):
         xg, rg = x[:, g0:g0 + G], rows[:, g0:g0 + G]
         assert (np.abs(rg - xg).max(axis=1) <= np.abs(xg).max(axis=1) / 254 * (1 + 1e-6)).all(), g0
-        alone = _native.kernel_kv_rows(isa, "8bit", np.ascontiguousarray(xg))[1]
-        np.testing.assert_array_equal(rg, alone)   # a group is stored as if it were a row of its own
+        np.testing.assert_array_equal(rg, _native.kernel_kv_rows(isa, "8bit", np.ascontiguousarray(xg))[1])
+
+
+@pytest.mark.parametrize("hd", [48, 64, 80, 256])
+@pytest.mark.parametrize("isa", ISAS)
+def test_4bit_shift_follows_each_group(isa, hd):
+    """4bit's int8 base has one scale per row; each group's shift follows its own magnitude (4 for the group holding
+    the row's absmax, 0 once a group is below 8/127 of it), and its error is within a quarter of its absmax plus the
+    base's step: |x - value| <= absmax(group)/4 + s (half a base step of rounding, then at most a razor step
+    2^e <= max|b|/4; 0 when e = 0)"""
+    rng = np.random.default_rng(hd)
+    G, ng = kv_group(hd), -(-hd // kv_group(hd))
+    x = make_rows("spread", 4, hd, rng)
     raw, rows, _, _ = _native.kernel_kv_rows(isa, "4bit", x)
-    s = np.abs(x).max(axis=1) / 32767
+    shifts = np.stack([raw[:, 4:4 + (ng + 1) // 2] & 15, raw[:, 4:4 + (ng + 1) // 2] >> 4], axis=2).reshape(4, -1)
+    want = [4, 2, 0, 0, 0, 0]             # max |b| 127, 16, 2, 0, 0, 0 (then again)
+    assert (shifts[:, :ng] == np.resize(want, ng)).all()
+    s = np.abs(x).max(axis=1) / 127
     for g0 in range(0, hd, G):
         xg, rg = x[:, g0:g0 + G], rows[:, g0:g0 + G]
         assert (np.abs(rg - xg).max(axis=1) <= np.abs(xg).max(axis=1) / 4 + s).all(), g0
-    # spread rows reach both ends of the shifts: 12 for the group holding the row's absmax, 0 for one 8^4 below it
-    raw = _native.kernel_kv_rows(isa, "4bit", make_rows("spread", 3, hd, rng))[0]
-    ng = -(-hd // G)
-    shifts = np.stack([raw[:, 4:4 + (ng + 1) // 2] & 15, raw[:, 4:4 + (ng + 1) // 2] >> 4], axis=2).reshape(3, -1)
-    assert (shifts[:, 0] == 12).all() and shifts.max() <= 12
-    assert (np.diff(shifts[:, :min(ng, 5)].astype(int), axis=1) < 0).all()   # a shift per magnitude
-    if ng >= 5:
-        assert (shifts[:, 4] == 0).all()
 
 
 def test_kernel_entry_point_rejects_bad_arguments():

@@ -30,6 +30,15 @@ def absmax_groups(w, group, qmax, lo, hi):
     return d16, np.clip(q, lo, hi).astype(np.int8).reshape(rows, cols)
 
 
+def scales_then_codes(d16, codes, total):
+    """the bytes of a Q8 / INT4 tensor: the f16 scale plane, zero-padded to 64 bytes, then the code plane"""
+    out = np.zeros(total, dtype=np.uint8)
+    scale_bytes = d16.astype("<f2").reshape(-1).view(np.uint8)
+    out[:scale_bytes.size] = scale_bytes
+    out[align64(scale_bytes.size):] = np.asarray(codes).reshape(-1).view(np.uint8)
+    return out
+
+
 from . import f16, f32, int4, q8, sdr  # noqa: E402  (the format modules use align64)
 
 FORMATS = {"f32": f32, "f16": f16, "q8": q8, "sdr": sdr, "int4": int4}

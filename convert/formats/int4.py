@@ -5,7 +5,7 @@ nibble plane (nibbles.py) of m = clamp(round(w / d), -8, 7) computed with the ro
 """
 import numpy as np
 
-from . import absmax_groups, align64, nibbles
+from . import absmax_groups, align64, nibbles, scales_then_codes
 
 TYPE_ID = 4
 QUANTIZED = True
@@ -20,14 +20,9 @@ def nbytes(rows, cols, group):
 
 
 def quantize(w, group):
-    rows, cols = w.shape
-    nbytes(rows, cols, group)
+    total = nbytes(*w.shape, group)   # checks the shape first
     d16, m = absmax_groups(w, group, 7, -8, 7)
-    out = np.zeros(nbytes(rows, cols, group), dtype=np.uint8)
-    scale_bytes = d16.astype("<f2").reshape(-1).view(np.uint8)
-    out[:scale_bytes.size] = scale_bytes
-    out[align64(scale_bytes.size):] = nibbles.pack(m).reshape(-1)
-    return out
+    return scales_then_codes(d16, nibbles.pack(m), total)
 
 
 def dequantize(buf, rows, cols, group):

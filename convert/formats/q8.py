@@ -6,7 +6,7 @@ dequantize(quantize(w)) is exactly what the kernels multiply with.
 """
 import numpy as np
 
-from . import absmax_groups, align64
+from . import absmax_groups, align64, scales_then_codes
 
 TYPE_ID = 2
 QUANTIZED = True
@@ -20,14 +20,9 @@ def nbytes(rows, cols, group):
 
 
 def quantize(w, group):
-    rows, cols = w.shape
-    nbytes(rows, cols, group)
+    total = nbytes(*w.shape, group)   # checks the shape first
     d16, q = absmax_groups(w, group, 127, -127, 127)
-    out = np.zeros(nbytes(rows, cols, group), dtype=np.uint8)
-    scale_bytes = d16.astype("<f2").reshape(-1).view(np.uint8)
-    out[:scale_bytes.size] = scale_bytes
-    out[align64(scale_bytes.size):] = q.reshape(-1).view(np.uint8)
-    return out
+    return scales_then_codes(d16, q, total)
 
 
 def dequantize(buf, rows, cols, group):

@@ -6,7 +6,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cp -r "$here/pyqrt" "$here/native" "$here/convert" "$here/tests" "$here/pyproject.toml" "$work/"
+cp -r "$here/pyqrt" "$here/native" "$here/convert" "$here/tests" "$here/docs" "$here/pyproject.toml" "$work/"
 rm -f "$work"/pyqrt/_qrz*.so "$work"/pyqrt/_qrz.c
 (cd "$work" && QRZ_EXTRA_CFLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
    QRZ_EXTRA_LDFLAGS="-fsanitize=address,undefined" python pyqrt/_build.py >"$work/build.log" 2>&1) \

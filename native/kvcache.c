@@ -111,13 +111,11 @@ static void q8_axpy(float *y, float a, const void *row, int n) {
  * g/2 when g is even, the high one when odd; value k's mantissa, stored as m + 8, likewise in mantissa byte k/2.
  * (An int16 base, shifts 0..12, was measured against this one and gave no better perplexity: docs/QUANTIZATION.md.)
  * ---- */
-#define SDR4_BASE 127.0f
-
 static inline int nibble(const uint8_t *p, int k) { return (p[k >> 1] >> ((k & 1) * 4)) & 15; }
 
 static void sdr4_store(void *row, const float *x, int n) {
     const int G = qrz_kv_group(n), ng = kv_groups(n, G);
-    const float s = absmax(x, n) / SDR4_BASE;
+    const float s = absmax(x, n) / 127.0f;
     uint8_t *e = (uint8_t *)row + 4, *m = e + (ng + 1) / 2;
     put_f32(row, s);
     memset(e, 0, (size_t)(ng + 1) / 2 + (size_t)(n + 1) / 2);
@@ -125,7 +123,7 @@ static void sdr4_store(void *row, const float *x, int n) {
         const int k0 = g * G, len = n - k0 < G ? n - k0 : G;
         int b[32], mx = 0;                                  /* G <= 32 */
         for (int k = 0; k < len; k++) {
-            b[k] = base_code(x[k0 + k], s, SDR4_BASE);
+            b[k] = base_code(x[k0 + k], s, 127.0f);
             mx = abs(b[k]) > mx ? abs(b[k]) : mx;
         }
         int lead = 0;

@@ -39,7 +39,7 @@ typedef enum {
     QRZ_TYPE_F32 = 0, QRZ_TYPE_F16 = 1, QRZ_TYPE_Q8 = 2, QRZ_TYPE_SDR = 3, QRZ_TYPE_INT4 = 4, QRZ_TYPE_COUNT = 5
 } qrz_tensor_type;
 
-/* how a context stores its KV cache: float32, float16, int8 per (token, head) absmax, or QRazor SDR 4-bit */
+/* how a context stores its KV cache: float32, float16, int8 per group of 32 (absmax), or QRazor SDR 4-bit */
 typedef enum { QRZ_KV_CACHE_F32 = 0, QRZ_KV_CACHE_F16 = 1, QRZ_KV_CACHE_Q8 = 2, QRZ_KV_CACHE_SDR4 = 3 } qrz_kv_cache_type;
 
 /* instruction sets a kernel can run on; QRZ_ISA_BEST picks what the CPU has (see qrz_isa_name) */

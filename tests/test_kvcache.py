@@ -1,7 +1,8 @@
 """KV cache storage types (pyqrt.load(..., kv="f32"|"f16"|"8bit"|"4bit"), native/kvcache.c, docs/QUANTIZATION.md).
 
 Rows: every row type's store, dot and axpy on every ISA against a numpy twin of the format (stored bytes and the
-row read back as floats: exact; dot and axpy: float rounding only), and every SIMD kernel against the scalar one.
+row read back as floats: exact; dot and axpy: float rounding only), and every SIMD kernel against the scalar one;
+8bit groups keeping their own precision beside a large channel, 4bit shifts following each group's magnitude.
 Models: on tiny random models (one with Gemma-3's sliding layers) pyqrt with each cache type against transformers
 whose keys (after RoPE) and values go through the numpy twin (so the whole attention path is checked, not only
 the rows), and against pyqrt's own float32 cache; on SmolLM2-135M the same closeness and greedy decoding with an
@@ -282,10 +283,10 @@ def rel_rms(got, want):
     return float(np.sqrt(np.mean(d * d) / np.mean(np.asarray(want, np.float64) ** 2)))
 
 
-# against pyqrt's f32 cache, 56 positions, three seeds measured: rel_rms f16 <= 6.2e-4, 8bit <= 1.6e-2, 4bit
-# <= 0.25 (rel_max up to 1.2e-3, 3.3e-2, 0.38: unit-scale random weights make attention far peakier than a trained
-# model's). Bounds 2-3x above; the logits of another sequence are at rel_rms ~1.4.
-TINY_RMS = {"f32": 0.0, "f16": 2e-3, "8bit": 5e-2, "4bit": 0.6}
+# against pyqrt's f32 cache, 56 positions, seeds 1, 3, 4 measured: rel_rms f16 <= 5.1e-4, 8bit <= 1.4e-2, 4bit
+# <= 0.24 (rel_max up to 6.5e-4, 2.3e-2, 0.30: unit-scale random weights make attention far peakier than a trained
+# model's). Bounds 2.5-4x above; the logits of another sequence are at rel_rms ~1.4.
+TINY_RMS = {"f32": 0.0, "f16": 2e-3, "8bit": 4e-2, "4bit": 0.6}
 
 
 @pytest.mark.parametrize("kv", KV_TYPES)
@@ -300,7 +301,7 @@ def test_tiny_logits_near_f32_cache(tiny, name, kv):
         assert err > 0   # the cache really is stored in kv
 
 
-# pyqrt vs transformers with the fake-quantized cache: measured rel_max 4e-7 .. 1e-6 (float32 noise), up to 2.3e-4
+# pyqrt vs transformers with the fake-quantized cache: measured rel_max 5e-7 .. 1e-6 (float32 noise), up to 2.7e-4
 # where a key or value element computed a last bit apart sits on a rounding boundary and gets the neighbouring code;
 # a wrong scale, shift, nibble order or row address moves logits by the whole quantization effect (vs the f32
 # cache, rel_max 5e-3 .. 0.35 for 8bit and 4bit)
@@ -415,11 +416,12 @@ def smollm2(smollm2_qrz):
     return smollm2_qrz("f16")
 
 
-# a 300-token wiki passage against the f32 cache, measured: rel_rms f16 6.8e-4, 8bit 2.8e-2, 4bit 0.24; top-1
-# agreement 1.000, 0.983, 0.767. SmolLM2's keys are what int8-per-row rounding hurts (transformers with only K
-# rounded the same way: rel_max 0.28, agreement 0.980; only V: 1.5e-2, 0.990). Bounds ~3x on the error.
-SMOL_RMS = {"f16": 2e-3, "8bit": 0.08, "4bit": 0.6}
-SMOL_AGREE = {"f16": 0.99, "8bit": 0.95, "4bit": 0.6}
+# a 300-token wiki passage against the f32 cache, measured: rel_rms f16 6.8e-4, 8bit 1.6e-2, 4bit 0.245; top-1
+# agreement 1.000, 0.997, 0.767. SmolLM2's keys have a few large channels, what 8bit's scales are per group of 32
+# for: one scale per whole row measured 2.8e-2 and 0.983, which the 8bit bounds (1.5x, not ~3x as the others) do
+# not let through. The keys still dominate (transformers with only K rounded as 8bit: rel_rms 1.6e-2, only V 3.4e-3).
+SMOL_RMS = {"f16": 2e-3, "8bit": 0.025, "4bit": 0.6}
+SMOL_AGREE = {"f16": 0.99, "8bit": 0.99, "4bit": 0.6}
 
 
 @pytest.mark.parametrize("kv", ["f16", "8bit", "4bit"])

@@ -107,6 +107,11 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
         group_size = getattr(fmt_module, "DEFAULT_GROUP", 0)
     if fmt_module.QUANTIZED and (not isinstance(group_size, int) or group_size <= 0):
         raise ConvertError(f"group size must be a positive integer, got {group_size!r}")
+    max_group = getattr(fmt_module, "MAX_GROUP", None)
+    if max_group and (group_size % 16 or group_size > max_group):
+        # checked here: a 4-bit format would otherwise quietly store every matrix in its q8 fallback
+        raise ConvertError(f"--format {fmt} needs a group size that is a multiple of 16 and at most {max_group}, "
+                           f"got {group_size}")
 
     col_weights = {}
     if calib is not None and getattr(fmt_module, "CALIBRATED", False):

@@ -463,3 +463,11 @@ def test_calibrated_sdr_weighs_columns_by_their_inputs(tiny_hf, tmp_path):
     assert weighted_err(sdr.quantize(w, 16, col_weight=cw)) <= weighted_err(sdr.quantize(w, 16))
     with pytest.raises(Exception, match="calibration text"):
         convert(tiny_hf, tmp_path / "x.qrz", fmt="sdr", progress=False, calib=str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize("fmt,group", [("sdr", 24), ("sdr", 512), ("int4", 40)])
+def test_4bit_formats_refuse_group_sizes_they_cannot_store(tiny_hf, tmp_path, fmt, group):
+    from convert import ConvertError
+    with pytest.raises(ConvertError, match="multiple of 16"):
+        convert(tiny_hf, tmp_path / "x.qrz", fmt=fmt, group_size=group, progress=False)
+    assert not os.listdir(tmp_path)

@@ -5,10 +5,13 @@ converter runs) and their inputs by quantize-dequantize hooks; prints wiki.utf8 
     python -m bench.fakequant MODEL WEIGHTS GROUP ACTS [TOKENS]
     e.g. python -m bench.fakequant gemma3 sdr 16 f32 1024
 
-WEIGHTS: f32 | sdr | sdrplain (QRazor's rule, no search) | sdrB<bits> (an int<bits> row base) | int4.
+WEIGHTS: f32 | sdr | sdrplain (QRazor's rule, no search) | sdrB<bits> (an int<bits> row base) | int4; "+awq" after
+sdr weighs its search by c4 input mean squares, "+gptq" rounds it by error feedback on c4 input Gram matrices
+(both from 16384 tokens of c4, as the converter's --calib); or a .qrz file's path: its matrices as stored.
 ACTS: f32 | i8row | q8g | q4g | sdr4 | sdr8 (int16 base razored to 8 bits) | sdr8g32.
 Test-only tools (torch, transformers); the runtime's own numbers come from bench.quality.
 """
+import os
 import sys
 import time
 
@@ -20,6 +23,7 @@ from convert.formats import int4, sdr
 from tests import assets
 
 torch.set_num_threads(2)
+CALIB_TOKENS = int(os.environ.get("CALIB_TOKENS", 16384))   # the converter's --calib-tokens default
 if len(sys.argv) < 5:
     sys.exit(__doc__)
 name = sys.argv[1]; wfmt = sys.argv[2]; G = int(sys.argv[3]); afmt = sys.argv[4]; ntok = int(sys.argv[5]) if len(sys.argv) > 5 else 1024
@@ -54,31 +58,40 @@ acts = {
  "sdr8g32": lambda x: sdr_act(x, 32, keep=8),
 }
 fa = acts[afmt]
-col_weights = {}
-if wfmt.endswith("+awq"):
-    # input mean squares per linear layer on calibration text (c4, never the evaluation text)
-    wfmt = wfmt[:-4]
+col_weights, grams = {}, {}
+if wfmt.endswith("+awq") or wfmt.endswith("+gptq"):
+    # input mean squares (or Gram matrices) per linear layer on calibration text (c4, never the evaluation text)
+    wfmt, _, how = wfmt.partition("+")
     hooks = []
     for n, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and ("self_attn" in n or "mlp" in n):
             def rec(m, a, n=n):
                 x = a[0].reshape(-1, a[0].shape[-1]).double()
                 s, c = col_weights.get(n, (0, 0))
-                col_weights[n] = (s + (x * x).sum(0), c + x.shape[0])
+                col_weights[n] = (s + (x.T @ x if how == "gptq" else (x * x).sum(0)), c + x.shape[0])
             hooks.append(mod.register_forward_pre_hook(rec))
-    cal = tok(assets.text("c4"), add_special_tokens=False)["input_ids"][:2048]
+    cal = tok(assets.text("c4"), add_special_tokens=False)["input_ids"][:CALIB_TOKENS]
     with torch.no_grad():
         for s0 in range(0, len(cal), 512):
             model(torch.tensor([cal[s0:s0 + 512]]))
     for h in hooks:
         h.remove()
     col_weights = {n: (s / c).numpy() for n, (s, c) in col_weights.items()}
+    if how == "gptq":
+        grams, col_weights = col_weights, {}
+stored = {}
+if wfmt.endswith(".qrz"):
+    import pyqrt
+    from convert.formats import FORMATS
+    raw = np.memmap(wfmt, dtype=np.uint8, mode="r")
+    stored = {t["name"]: t for t in pyqrt.open_file(wfmt).tensors}
 with torch.no_grad():
     for n, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and ("self_attn" in n or "mlp" in n):
             w = mod.weight.detach().numpy().astype(np.float32)
             r, c = w.shape
-            if wfmt == "sdr": wd = sdr.dequantize(sdr.quantize(w, G, col_weight=col_weights.get(n)), r, c, G)
+            if wfmt == "sdr":
+                wd = sdr.dequantize(sdr.quantize(w, G, col_weight=col_weights.get(n), gram=grams.get(n)), r, c, G)
             elif wfmt.startswith("sdrB"):
                 B = int(wfmt[4:]); qmax = 2 ** (B - 1) - 1
                 sc = np.abs(w).max(1, keepdims=True) / qmax; sc[sc == 0] = 1
@@ -87,6 +100,9 @@ with torch.no_grad():
                 wd = (mm.astype(np.float32).reshape(r, -1, G) * (2.0 ** ee)[:, :, None]).reshape(r, c) * sc
             elif wfmt == "sdrplain": wd = sdr.dequantize(sdr.quantize(w, G, search=False), r, c, G)
             elif wfmt == "int4": wd = int4.dequantize(int4.quantize(w, G), r, c, G)
+            elif stored:
+                t = stored[n + ".weight"]
+                wd = FORMATS[t["type"]].dequantize(raw[t["offset"]:t["offset"] + t["nbytes"]], r, c, t["group_size"])
             else: wd = w
             mod.weight.copy_(torch.from_numpy(wd))
             mod.register_forward_pre_hook(lambda m, a: (fa(a[0]),))

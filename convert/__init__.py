@@ -63,8 +63,8 @@ def _matrix_format(fmt_module, name, rows, cols, group):
 
 
 def _calibrate(hf_dir, out_path, calib, calib_tokens, progress):
-    """{tensor name: mean x^2 per input column} of every matmul while the model (converted to a temporary f16
-    .qrz beside the output, then removed) reads `calib_tokens` tokens of the calibration text file."""
+    """{tensor name: mean x x^T of its input (cols, cols)} of every matmul while the model (converted to a
+    temporary f16 .qrz beside the output, then removed) reads `calib_tokens` tokens of the calibration text."""
     import tempfile
 
     import pyqrt
@@ -84,18 +84,18 @@ def _calibrate(hf_dir, out_path, calib, calib_tokens, progress):
                                f"thousand")
         if progress:
             print(f"calibrating on {len(ids)} tokens of {os.path.basename(calib)}", file=sys.stderr, flush=True)
-        stats = model.input_statistics(ids, window=512)
+        stats = model.input_statistics(ids, window=512, gram=True)
         del model
         return stats
     finally:
         os.unlink(tmp)
 
 
-def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=None, calib_tokens=4096):
+def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=None, calib_tokens=16384):
     """Convert a Hugging Face model directory, or a GGUF file, into a .qrz. Returns the output path.
     group_size None: the format's default (docs/QUANTIZATION.md says how each was chosen). calib: a UTF-8 text
-    file; formats that can use it (sdr) then weigh each input column's quantization error by the mean square of
-    that input on the text (never give the evaluation text)."""
+    file; formats that can use it (sdr) then round each matrix against the inputs it meets on that text, so the
+    error of its output, not of its weights, is kept small (never give the evaluation text)."""
     hf_dir, out_path = os.fspath(hf_dir), os.fspath(out_path)
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
@@ -113,9 +113,9 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
         raise ConvertError(f"--format {fmt} needs a group size that is a multiple of 16 and at most {max_group}, "
                            f"got {group_size}")
 
-    col_weights = {}
+    grams = {}
     if calib is not None and getattr(fmt_module, "CALIBRATED", False):
-        col_weights = _calibrate(hf_dir, out_path, calib, calib_tokens, progress)
+        grams = _calibrate(hf_dir, out_path, calib, calib_tokens, progress)
 
     if _is_gguf(hf_dir):
         from .gguf import GGUFModel   # reads through the `gguf` package, imported only for GGUF input
@@ -137,7 +137,7 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
                 "general.source": os.path.basename(os.path.abspath(hf_dir)),
                 "quant.format": fmt,
                 "quant.group_size": group_size if fmt_module.QUANTIZED else 0}
-        if col_weights:
+        if grams:
             meta["quant.calibration"] = f"{os.path.basename(calib)}, {calib_tokens} tokens"
         n_vocab = source.shape("model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in source.where \
             else config.get("vocab_size")
@@ -173,8 +173,8 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
                     w = transform(arch, name, source.load(name))
                     if module is None:
                         data = f32_format.quantize(w)
-                    elif name in col_weights and getattr(module, "CALIBRATED", False):
-                        data = module.quantize(w, group, col_weight=col_weights[name])
+                    elif name in grams and getattr(module, "CALIBRATED", False):
+                        data = module.quantize(w, group, gram=grams.pop(name))
                     else:
                         data = module.quantize(w, group)
                     writer.write_tensor(name, data)

@@ -15,9 +15,9 @@ def main(argv=None):
                         help="weights per quantization group along the input dimension (default: the format's, "
                              "16 for sdr, 32 for q8 and int4)")
     parser.add_argument("--calib", metavar="TEXT_FILE",
-                        help="UTF-8 calibration text; sdr then weighs each input column's error by its mean square "
-                             "on this text (activation-aware search). Never the text you evaluate on")
-    parser.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default: 4096)")
+                        help="UTF-8 calibration text; sdr then rounds each matrix against the inputs it meets on this "
+                             "text (error feedback, as GPTQ). Never the text you evaluate on")
+    parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default: 16384)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:

@@ -383,6 +383,22 @@ int qrz_model_open(const char *path, int verify, qrz_model **out, char *err, siz
             }
         }
     }
+    /* codes outside what the kernels' integer bounds assume are refused, checksum or not */
+    for (int64_t i = 0; i < m->n_tensors; i++) {
+        const qrz_tensor_view *t = &m->tensors[i];
+        if (!qrz_types[t->type].check) continue;
+        int64_t rows = 1;                 /* bounded by parse_tensor */
+        for (uint32_t d = 0; d + 1 < t->n_dims; d++) rows *= (int64_t)t->shape[d];
+        const qrz_weight w = {(int)t->type, (int32_t)t->group_size, rows, (int64_t)t->shape[t->n_dims - 1],
+                              m->base + t->offset, -1};
+        const char *why = qrz_types[t->type].check(&w);
+        if (why) {
+            qrz_set_error(err, cap, "'%s' is corrupt: tensor '%.*s' holds %s; convert the model again",
+                          path, (int)t->name_len, t->name, why);
+            rc = QRZ_ERR_FORMAT;
+            goto fail;
+        }
+    }
     /* weights are read front to back once per token: ask for read-ahead */
     madvise(map, size, MADV_WILLNEED);
     *out = m;

@@ -99,6 +99,9 @@ typedef struct {
     uint64_t (*nbytes)(int64_t rows, int64_t cols, int32_t group);
     void (*dequant_row)(const qrz_weight *w, int64_t r, float *out);
     qrz_matmul_fn matmul[2][QRZ_ISA_COUNT];   /* NULL where an ISA has no kernel: the scalar one is used */
+    /* NULL, or checks at load that stored codes lie in the range the kernels' integer bounds assume:
+     * returns NULL if they do, else what is wrong */
+    const char *(*check)(const qrz_weight *w);
 } qrz_type_traits;
 
 extern qrz_type_traits qrz_types[QRZ_TYPE_COUNT];

@@ -107,6 +107,7 @@ static bool nibble_shape_ok(int64_t cols, int32_t group, int32_t max_group) {
 
 /* ---- SDR (QRazor): row scale s (f32), per-group shift e (nibbles), 4-bit mantissas; value s * 2^e * m ---- */
 #define SDR_MAX_COLS (1 << 17)    /* |m 2^e| <= 128 and |q| <= 127: a row of up to 2^17 columns sums in int32 */
+#define SDR_MAX_SHIFT 4           /* an int8 base has its leading one at bit 6 at most: shifts 0..4 */
 
 static uint64_t sdr_flag_bytes(int64_t cols, int32_t group) { return (uint64_t)((cols / group + 1) / 2); }
 
@@ -140,6 +141,17 @@ static void sdr_dequant_row(const qrz_weight *w, int64_t r, float *out) {
 }
 
 /* W4A8: activations int8 per row; sum_g 2^e_g sum_k m_k q_k in int32, one float multiply per output */
+/* shifts above 4 (an int8 base's leading one is at bit 6 at most) would break the kernels' int32 bounds */
+static const char *sdr_check(const qrz_weight *w) {
+    const sdr_planes p = sdr_split(w);
+    const int64_t ng = w->cols / w->group;
+    for (int64_t r = 0; r < w->rows; r++)
+        for (int64_t g = 0; g < ng; g++)
+            if (sdr_shift(p.e + (uint64_t)r * p.e_stride, g) > SDR_MAX_SHIFT)
+                return "an SDR shift above 4";
+    return NULL;
+}
+
 static void sdr_matmul_i8_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y, int64_t ldy) {
     const sdr_planes p = sdr_split(w);
     const int32_t G = w->group;
@@ -322,7 +334,7 @@ qrz_type_traits qrz_types[QRZ_TYPE_COUNT] = {
     [QRZ_TYPE_F16] = {"f16", {QRZ_ACTS_F32, NO_4BIT}, f16_nbytes, f16_dequant_row, {{f16_matmul_scalar}}},
     [QRZ_TYPE_Q8] = {"q8", {QRZ_ACTS_Q8_GROUP, NO_4BIT}, q8_nbytes, q8_dequant_row, {{q8_matmul_scalar}}},
     [QRZ_TYPE_SDR] = {"sdr", {QRZ_ACTS_I8_ROW, QRZ_ACTS_SDR4_ROW}, sdr_nbytes, sdr_dequant_row,
-                      {{sdr_matmul_i8_scalar}, {sdr_matmul_sdr4_scalar}}},
+                      {{sdr_matmul_i8_scalar}, {sdr_matmul_sdr4_scalar}}, sdr_check},
     [QRZ_TYPE_INT4] = {"int4", {QRZ_ACTS_Q8_GROUP, QRZ_ACTS_Q4_GROUP}, int4_nbytes, int4_dequant_row,
                        {{int4_matmul_scalar}, {int4_matmul_scalar}}},
 };

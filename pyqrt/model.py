@@ -86,18 +86,30 @@ def pyqrt_on_piece(user, piece, length):
 
 
 class _InputStats:
-    """Sums of x^2 per input column of every matmul, keyed by tensor index (the matmul hook's user pointer)."""
+    """Per matmul, keyed by tensor index (the matmul hook's user pointer): sums of x^2 per input column, or with
+    gram=True sums of x x^T (float32, cols x cols), and the number of rows seen."""
 
-    def __init__(self):
-        self.sums, self.rows, self.error = {}, {}, None
+    def __init__(self, gram=False):
+        self.gram, self.sums, self.rows, self.error = gram, {}, {}, None
+        self.last_x = self.last_sum = None     # q, k and v (gate and up) read the same input: one product
 
 
 @ffi.def_extern()
 def pyqrt_on_matmul(user, tensor, x, n, cols):
     stats = ffi.from_handle(user)
     try:
-        rows = np.frombuffer(ffi.buffer(x, n * cols * 4), dtype=np.float32).reshape(n, cols).astype(np.float64)
-        stats.sums[tensor] = stats.sums.get(tensor, 0.0) + (rows * rows).sum(axis=0)
+        rows = np.frombuffer(ffi.buffer(x, n * cols * 4), dtype=np.float32).reshape(n, cols)
+        if stats.gram:
+            if stats.last_x is None or stats.last_x.shape != rows.shape or not np.array_equal(stats.last_x, rows):
+                stats.last_x, stats.last_sum = rows.copy(), rows.T @ rows
+            add = stats.last_sum
+        else:
+            r64 = rows.astype(np.float64)
+            add = (r64 * r64).sum(axis=0)
+        if tensor in stats.sums:
+            stats.sums[tensor] += add
+        else:
+            stats.sums[tensor] = add.copy()
         stats.rows[tensor] = stats.rows.get(tensor, 0) + n
     except BaseException as exc:   # raised after the C call returns
         stats.error = exc
@@ -197,15 +209,16 @@ class Model:
                                                            _native.as_c_array(nll, np.float64)))
         return nll
 
-    def input_statistics(self, text_or_ids, window=512, max_tokens=None):
+    def input_statistics(self, text_or_ids, window=512, max_tokens=None, gram=False):
         """Calibration: {weight name: mean of x^2 per input column (float64)} over every matmul input while the
         text is scored in non-overlapping windows (as perplexity does: each window's last token is only a
-        target, never an input). The converter weighs quantization error by it."""
+        target, never an input); gram=True: the mean of x x^T instead ((cols, cols) float32). The converter
+        rounds weights against it."""
         window = _int_arg("window", window, 2)
         ids = self.tokenize(text_or_ids, special=False) if isinstance(text_or_ids, str) else list(text_or_ids)
         if max_tokens is not None:
             ids = ids[:_int_arg("max_tokens", max_tokens, 2)]
-        stats = _InputStats()
+        stats = _InputStats(gram=bool(gram))
         handle = ffi.new_handle(stats)
         lib.qrz_context_set_matmul_hook(self._ctx, lib.pyqrt_on_matmul, handle)
         try:

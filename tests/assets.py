@@ -256,7 +256,7 @@ def converter_hash():
 def converted(hf_dir, name, fmt, group_size=32, calib=None):
     """hf_dir converted by `python -m convert` into <cache>/<name>-<fmt>-g<group_size>[-<calib>].qrz; redone when
     the converter's sources change (a stamp file beside the .qrz holds their hash). calib: a text name (c4, code)
-    for `--calib`, 4096 tokens."""
+    for `--calib`, the converter's default token count."""
     out = os.path.join(CACHE, f"{name}-{fmt}-g{group_size}" + (f"-{calib}" if calib else "") + ".qrz")
     stamp = out + ".stamp"
     want = converter_hash()

@@ -210,3 +210,12 @@ def test_expand_runs_float_formats_once_and_delta_uses_the_default_f16_row():
             {"model": "gemma3", "format": "f16", "group": None, "act": None, "kv": None, "ppl": 10.0}]
     assert quality.reference(rows, "gemma3") is rows[1]
     assert quality.reference(rows, "qwen25") is None
+
+
+def test_speed_bench_reads_act_suffixes():
+    from bench import speed
+    assert speed.split_act("m.qrz:4bit") == ("m.qrz", "4bit")
+    assert speed.split_act("m.qrz:8bit") == ("m.qrz", "8bit")
+    assert speed.split_act("m.qrz") == ("m.qrz", None)
+    assert speed.split_act("sdr@16:4bit") == ("sdr@16", "4bit")
+    assert speed.split_act("dir:with:colons/m.qrz") == ("dir:with:colons/m.qrz", None)

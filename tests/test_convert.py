@@ -416,21 +416,23 @@ def test_4bit_activations_need_a_4bit_format(tiny_hf, tmp_path):
 
 
 @needs_oracle
-def test_input_statistics_are_the_mean_squares_transformers_sees(tiny_hf, tmp_path):
-    """Model.input_statistics (the converter's calibration) against forward pre-hooks on transformers' Linear layers"""
+def test_input_statistics_are_what_transformers_sees(tiny_hf, tmp_path):
+    """Model.input_statistics (the converter's calibration: mean squares, or Gram matrices with gram=True)
+    against forward pre-hooks on transformers' Linear layers"""
     import torch
     from transformers import AutoModelForCausalLM
     ids = list(range(3, 60))
     m = pyqrt.load(convert(tiny_hf, tmp_path / "t-f32.qrz", fmt="f32", progress=False), threads=2, batch=16)
     got = m.input_statistics(ids, window=20)
+    got_gram = m.input_statistics(ids, window=20, gram=True)
     ref = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
     want = {}
 
     def hook(name):
         def record(mod, args):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
-            s, n = want.get(name, (0, 0))
-            want[name] = (s + (x * x).sum(0).numpy(), n + x.shape[0])
+            s, g, n = want.get(name, (0, 0, 0))
+            want[name] = (s + (x * x).sum(0).numpy(), g + (x.T @ x).numpy(), n + x.shape[0])
         return record
     for name, mod in ref.named_modules():
         if isinstance(mod, torch.nn.Linear):
@@ -438,12 +440,56 @@ def test_input_statistics_are_the_mean_squares_transformers_sees(tiny_hf, tmp_pa
     with torch.no_grad():
         for start in range(0, len(ids), 20):   # the same fresh windows; scoring never runs a window's last token
             ref(torch.tensor([ids[start:start + 20][:-1]]))
-    assert set(got) == set(want)
-    for name, (s, n) in want.items():
+    assert set(got) == set(want) == set(got_gram)
+    for name, (s, g, n) in want.items():
         np.testing.assert_allclose(got[name], s / n, rtol=1e-4, err_msg=name)
+        assert got_gram[name].shape == g.shape
+        np.testing.assert_allclose(got_gram[name], g / n, rtol=1e-4, atol=1e-5 * np.abs(g / n).max(), err_msg=name)
 
 
-def test_calibrated_sdr_weighs_columns_by_their_inputs(tiny_hf, tmp_path):
+def _correlated_inputs(rng, n, cols):
+    """inputs with uneven channel scales and correlated channels, as a real layer's are"""
+    mix = np.eye(cols) + rng.standard_normal((cols, cols)) / np.sqrt(cols)
+    return (rng.standard_normal((n, cols)) @ mix) * np.exp(rng.standard_normal(cols))
+
+
+def _output_error(s, e, m, w, gram, group):
+    rows, cols = w.shape
+    rec = s[:, None] * (m.astype(np.float64).reshape(rows, -1, group) * (2.0 ** e)[:, :, None]).reshape(rows, cols)
+    d = rec - w
+    return float(np.einsum("rc,rc->", d @ gram, d))
+
+
+def test_sdr_error_feedback_lowers_the_output_error():
+    """gptq_parts (the --calib rounding) against the searches it replaces, on the error it is meant to lower:
+    that of the layer's output on the calibration inputs. Also: its codes are storable, dead inputs cost
+    nothing, and a zero row stays zero."""
+    from convert.formats import sdr
+    rng = np.random.default_rng(5)
+    rows, cols, group = 48, 256, 16
+    x = _correlated_inputs(rng, 2048, cols)
+    x[:, 7] = 0                                          # an input that is always zero
+    gram = x.T @ x / len(x)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    w[3] = 0
+    s, e, m = sdr.gptq_parts(w, group, gram)
+    assert s.dtype == np.float32 and e.dtype == np.uint8 and m.dtype == np.int8
+    assert e.max() <= sdr.MAX_SHIFT and m.min() >= -8 and m.max() <= 7
+    assert not m[3].any() and s[3] == 0
+    assert not m[:, 7].any()                             # nothing spent on a column no input ever reaches
+    plain = _output_error(*sdr.quantize_parts(w, group), w, gram, group)
+    weighted = _output_error(*sdr.quantize_parts(w, group, col_weight=np.diag(gram)), w, gram, group)
+    fed = _output_error(s, e, m, w, gram, group)
+    assert fed < 0.8 * weighted < plain, (fed, weighted, plain)
+    # the bytes quantize(gram=) writes decode to exactly these codes
+    buf = sdr.quantize(w, group, gram=gram)
+    s2, e2, m2 = sdr.unpack(buf, rows, cols, group)
+    assert np.array_equal(s2, s) and np.array_equal(e2, e) and np.array_equal(m2, m)
+
+
+def test_calibrated_sdr_conversion(tiny_hf, tmp_path):
+    """--calib: recorded in the metadata, changes the codes, leaves no temporary model behind; a missing text is
+    a clear error. (Whether it lowers the right error: test_sdr_error_feedback_lowers_the_output_error.)"""
     from pyqrt.model import QrzFile
     from convert.formats import sdr
     calib = tmp_path / "calib.txt"
@@ -454,7 +500,7 @@ def test_calibrated_sdr_weighs_columns_by_their_inputs(tiny_hf, tmp_path):
     assert "quant.calibration" not in QrzFile(str(plain)).metadata
     assert open(plain, "rb").read() != open(tuned, "rb").read()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".f16.qrz")]   # the temporary model is gone
-    # the weighted search never does worse than the plain one on the error it minimises
+    # the weighted search (bench.fakequant's +awq) never does worse than the plain one on the error it minimises
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 64)).astype(np.float32)
     cw = np.exp(rng.standard_normal(64) * 2)

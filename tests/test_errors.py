@@ -181,14 +181,15 @@ def test_unsupported_architecture(tmp_path, tiny_qrz):
     assert pyqrt.open_file(path).metadata["general.architecture"] == "mamba"   # still inspectable
 
 
-_TYPE_IDS = {"f32": 0, "f16": 1, "q8": 2}
+_TYPE_IDS = {"f32": 0, "f16": 1, "q8": 2, "sdr": 3, "int4": 4}
 _I32_KEYS = {"tokenizer.bos_id", "tokenizer.eos_id", "tokenizer.pad_id"}
 _I32_ARRAYS = {"tokenizer.token_type", "tokenizer.eog_ids"}
 
 
-def _rewrite(src, dst, edit_metadata=None, keep_tensor=lambda name: True):
+def _rewrite(src, dst, edit_metadata=None, keep_tensor=lambda name: True, edit_tensor=None):
     """a new .qrz written by the converter's own writer from src's metadata and tensors, after edits: a file
-    that is well-formed (sizes, CRCs) but describes something the runtime must refuse"""
+    that is well-formed (sizes, CRCs) but describes something the runtime must refuse. edit_tensor(name,
+    bytearray) may change a tensor's bytes in place."""
     from convert.qrzfile import ARRAY, I32, KV, QrzWriter, TensorSpec
     f = pyqrt.open_file(src)
     meta = dict(f.metadata)
@@ -203,7 +204,10 @@ def _rewrite(src, dst, edit_metadata=None, keep_tensor=lambda name: True):
     raw = open(src, "rb").read()
     with QrzWriter(str(dst), meta, specs) as w:
         for t in tensors:
-            w.write_tensor(t["name"], raw[t["offset"]:t["offset"] + t["nbytes"]])
+            data = bytearray(raw[t["offset"]:t["offset"] + t["nbytes"]])
+            if edit_tensor:
+                edit_tensor(t["name"], data)
+            w.write_tensor(t["name"], np.frombuffer(bytes(data), np.uint8))
     return str(dst)
 
 
@@ -218,6 +222,29 @@ def test_rewritten_file_still_loads(tmp_path, tiny_qrz):
 def test_unsupported_architecture_written_by_the_writer(tmp_path, tiny_qrz, arch):
     path = _rewrite(tiny_qrz, tmp_path / "arch.qrz", lambda m: m.__setitem__("general.architecture", arch))
     _expect(path, pyqrt.ArchitectureError, f"architecture '{arch}'")
+
+
+@pytest.mark.parametrize("shift", [4, 5, 15])
+def test_sdr_shift_out_of_range_is_refused(tmp_path, shift):
+    """a file with valid checksums whose SDR shifts exceed 4 would overflow the kernels' int32 sums: refused at
+    load (4 is the largest an int8 base produces, and loads)"""
+    from convert.formats import sdr
+    hf = make_tiny_llama(tmp_path / "hf")
+    src = str(convert(hf, tmp_path / "sdr.qrz", fmt="sdr", group_size=16, progress=False))
+    name = "model.layers.1.mlp.down_proj.weight"
+    f = pyqrt.open_file(src)
+    t = next(t for t in f.tensors if t["name"] == name)
+    rows = t["shape"][0]
+
+    def edit(tname, data):
+        if tname == name:                    # row 2, group 1: the high nibble of the row's first shift byte
+            off = sdr.align64(rows * 4) + 2 * sdr._flag_bytes(t["shape"][1], 16)
+            data[off] = (data[off] & 0x0F) | (shift << 4)
+    path = _rewrite(src, tmp_path / "shift.qrz", edit_tensor=edit)
+    if shift <= 4:
+        pyqrt.load(path).logits([1, 2, 3])
+    else:
+        _expect(path, pyqrt.FormatError, (name, "shift above 4"))
 
 
 def test_missing_tensor(tmp_path, tiny_qrz):

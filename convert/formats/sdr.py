@@ -56,20 +56,10 @@ def razor(b, group, search=True, col_weight=None):
     col_weight when given)."""
     rows, cols = b.shape
     g = b.reshape(rows, cols // group, group).astype(np.int64)
-    cw = np.ones((1, cols // group, group)) if col_weight is None else \
-        np.asarray(col_weight, np.float64).reshape(1, cols // group, group)
-    e = np.maximum(0, leading_one(np.abs(g).max(axis=2)) - 2)
-    best_e = e
-    best_m = np.clip(np.rint(g / (2.0 ** e)[:, :, None]), -8, 7)
-    if search:
-        best_err = (cw * (best_m * (2.0 ** e)[:, :, None] - g) ** 2).sum(axis=2)
-        e2 = np.maximum(0, e - 1)
-        m2 = np.clip(np.rint(g / (2.0 ** e2)[:, :, None]), -8, 7)
-        err2 = (cw * (m2 * (2.0 ** e2)[:, :, None] - g) ** 2).sum(axis=2)
-        better = err2 < best_err
-        best_e = np.where(better, e2, e)
-        best_m = np.where(better[:, :, None], m2, best_m)
-    return best_m.astype(np.int8).reshape(rows, cols), best_e.astype(np.uint8)
+    cw = None if col_weight is None else np.asarray(col_weight, np.float64).reshape(cols // group, group)
+    e = choose_shifts(g, cw, search)
+    m = np.clip(np.rint(g / (2.0 ** e)[:, :, None]), -8, 7)
+    return m.astype(np.int8).reshape(rows, cols), e
 
 
 def quantize_parts(w, group, search=True, col_weight=None):
@@ -95,16 +85,19 @@ def quantize_parts(w, group, search=True, col_weight=None):
     return best[0].astype(np.float32), best[1].astype(np.uint8), best[2].astype(np.int8)
 
 
-def choose_shifts(bf, group, col_weight=None):
-    """bf: a group of real base values w / s (rows, group) -> the better of QRazor's shift and the next finer
-    one per row (weighted squared error when col_weight (group,) is given), as uint8 (rows,)"""
-    top = np.rint(np.minimum(np.abs(bf).max(axis=1), 127))
+def choose_shifts(bf, col_weight=None, search=True):
+    """bf: groups of base values w / s along the last axis (..., group) -> each group's shift (...,) as uint8:
+    QRazor's, or with search=True the better of it and the next finer one (squared error, weighted by
+    col_weight (..., group) when given)"""
+    top = np.rint(np.minimum(np.abs(bf).max(axis=-1), 127))
     e = np.clip(leading_one(top) - 2, 0, MAX_SHIFT)
-    cw = 1.0 if col_weight is None else np.asarray(col_weight, np.float64)[None, :]
+    if not search:
+        return e.astype(np.uint8)
+    cw = 1.0 if col_weight is None else np.asarray(col_weight, np.float64)
     best_e, best_err = e, None
     for cand in (e, np.maximum(e - 1, 0)):
-        step = (2.0 ** cand)[:, None]
-        err = (cw * (np.clip(np.rint(bf / step), -8, 7) * step - bf) ** 2).sum(axis=1)
+        step = (2.0 ** cand)[..., None]
+        err = (cw * (np.clip(np.rint(bf / step), -8, 7) * step - bf) ** 2).sum(axis=-1)
         if best_err is None:
             best_err = err
         else:
@@ -155,7 +148,7 @@ def gptq_parts(w, group, gram, clippings=(0.75, 0.85, 0.95, 1.0), damp=0.1, act_
             g = order[j] // group
             if not inv_steps[g, 0]:                  # this group's first column: fix its shift now
                 members = where[g * group:(g + 1) * group]
-                e[g] = choose_shifts((wt[members] * inv_step0).T, group, diag[g * group:(g + 1) * group])
+                e[g] = choose_shifts((wt[members] * inv_step0).T, diag[g * group:(g + 1) * group])
                 inv_steps[g] = inv_step0 / np.float32(2.0) ** e[g].astype(np.float32)
             q = np.clip(np.rint(wt[j] * inv_steps[g]), -8, 7)
             m[j] = q

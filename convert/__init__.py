@@ -1,6 +1,6 @@
 """Hugging Face model directory (or a llama.cpp GGUF file) -> one .qrz file.
 
-    python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8|sdr|int4 [--group-size 32]
+    python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8|sdr|int4|fp4 [--group-size 32]
 
 Streams tensor by tensor (peak memory is about the largest tensor, not the model) and writes under a temporary
 name, renamed into place only when complete: a failed or interrupted run leaves no .qrz behind.
@@ -11,6 +11,7 @@ import sys
 from .errors import ConvertError
 from .formats import FORMATS, FOUR_BIT_FALLBACK
 from .formats import f32 as f32_format
+from .formats import fp4 as fp4_format
 from .architectures import architecture, model_metadata, tensor_names, transform
 from .hf import TensorSource, check_dtype, read_config
 from .qrzfile import QrzWriter, TensorSpec
@@ -62,9 +63,10 @@ def _matrix_format(fmt_module, name, rows, cols, group):
     return fmt_module, group
 
 
-def _calibrate(hf_dir, out_path, calib, calib_tokens, progress):
+def _calibrate(hf_dir, out_path, calib, calib_tokens, progress, samples=0):
     """{tensor name: mean x x^T of its input (cols, cols)} of every matmul while the model (converted to a
-    temporary f16 .qrz beside the output, then removed) reads `calib_tokens` tokens of the calibration text."""
+    temporary f16 .qrz beside the output, then removed) reads `calib_tokens` tokens of the calibration text;
+    samples > 0: {name: (that, max |x| per column, `samples` input rows)}."""
     import tempfile
 
     import pyqrt
@@ -84,7 +86,7 @@ def _calibrate(hf_dir, out_path, calib, calib_tokens, progress):
                                f"thousand")
         if progress:
             print(f"calibrating on {len(ids)} tokens of {os.path.basename(calib)}", file=sys.stderr, flush=True)
-        stats = model.input_statistics(ids, window=512, gram=True)
+        stats = model.input_statistics(ids, window=512, gram=True, samples=samples)
         del model
         return stats
     finally:
@@ -94,7 +96,7 @@ def _calibrate(hf_dir, out_path, calib, calib_tokens, progress):
 def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=None, calib_tokens=16384):
     """Convert a Hugging Face model directory, or a GGUF file, into a .qrz. Returns the output path.
     group_size None: the format's default (docs/QUANTIZATION.md says how each was chosen). calib: a UTF-8 text
-    file; formats that can use it (sdr) then round each matrix against the inputs it meets on that text, so the
+    file; formats that can use it (sdr, fp4) then round each matrix against the inputs it meets on that text, so the
     error of its output, not of its weights, is kept small (never give the evaluation text)."""
     hf_dir, out_path = os.fspath(hf_dir), os.fspath(out_path)
     if fmt not in FORMATS:
@@ -108,14 +110,16 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
     if fmt_module.QUANTIZED and (not isinstance(group_size, int) or group_size <= 0):
         raise ConvertError(f"group size must be a positive integer, got {group_size!r}")
     max_group = getattr(fmt_module, "MAX_GROUP", None)
-    if max_group and (group_size % 16 or group_size > max_group):
+    multiple = getattr(fmt_module, "GROUP_MULTIPLE", 16)
+    if max_group and (group_size % multiple or group_size > max_group):
         # checked here: a 4-bit format would otherwise quietly store every matrix in its q8 fallback
-        raise ConvertError(f"--format {fmt} needs a group size that is a multiple of 16 and at most {max_group}, "
-                           f"got {group_size}")
+        raise ConvertError(f"--format {fmt} needs a group size that is a multiple of {multiple} and at most "
+                           f"{max_group}, got {group_size}")
 
     grams = {}
     if calib is not None and getattr(fmt_module, "CALIBRATED", False):
-        grams = _calibrate(hf_dir, out_path, calib, calib_tokens, progress)
+        grams = _calibrate(hf_dir, out_path, calib, calib_tokens, progress,
+                           samples=getattr(fmt_module, "SAMPLE_ROWS", 0))
 
     if _is_gguf(hf_dir):
         from .gguf import GGUFModel   # reads through the `gguf` package, imported only for GGUF input
@@ -173,6 +177,8 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
                     w = transform(arch, name, source.load(name))
                     if module is None:
                         data = f32_format.quantize(w)
+                    elif name in grams and module is fp4_format:
+                        data = module.quantize(w, group, calib=fp4_format.Calibration(*grams.pop(name)))
                     elif name in grams and getattr(module, "CALIBRATED", False):
                         data = module.quantize(w, group, gram=grams.pop(name))
                     else:

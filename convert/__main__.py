@@ -1,4 +1,4 @@
-"""python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8|sdr|int4 [--group-size N]"""
+"""python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8|sdr|int4|fp4 [--group-size N]"""
 import argparse
 import sys
 

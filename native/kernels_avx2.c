@@ -558,6 +558,75 @@ QRZ_AVX2 static void int4_matmul_avx2(const qrz_weight *w, const qrz_acts *x, in
     NIB_DISPATCH(int4_rows, w, x, r0, r1, y, ldy)
 }
 
+/* ---- FP4 x I8_ROW or FP4 lanes: the codes through the layout's 16-entry table (one pshufb) into int8 lanes, the
+ * INT4 sign trick into maddubs, exact int32 group sums; eight groups' sums are reduced into one vector and the
+ * float multiply-adds then run in the scalar kernel's order, so the result is the scalar one bit for bit ---- */
+QRZ_AVX2_INLINE __m256i fp4_run(const uint8_t *p, __m256i lut) {
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    const __m256i v = _mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    return _mm256_shuffle_epi8(lut, _mm256_and_si256(v, _mm256_set1_epi8(15)));
+}
+
+/* int32 lanes summing to one group's sum, for NT activation rows. A maddubs pair is at most 2 * 64 * 127 in
+ * magnitude (E3M0's top weight), 2 * 12 * 127 for E2M1, so `burst` (2, or 8) runs add in int16 before widening. */
+QRZ_AVX2_INLINE void fp4_group(const uint8_t *m, const int8_t *x, int64_t K, int32_t runs, int32_t burst,
+                               __m256i lut, const int NT, __m256i *s32) {
+    for (int t = 0; t < NT; t++) s32[t] = _mm256_setzero_si256();
+    for (int32_t j0 = 0; j0 < runs; j0 += burst) {
+        const int32_t j1 = j0 + burst < runs ? j0 + burst : runs;
+        __m256i s16[4];
+        for (int t = 0; t < NT; t++) s16[t] = _mm256_setzero_si256();
+        for (int32_t j = j0; j < j1; j++) {
+            const __m256i wv = fp4_run(m + 16 * j, lut), wa = _mm256_sign_epi8(wv, wv);
+            for (int t = 0; t < NT; t++) s16[t] = _mm256_add_epi16(s16[t], nib_dot16(wa, wv, x + t * K + 32 * j));
+        }
+        for (int t = 0; t < NT; t++) s32[t] = _mm256_add_epi32(s32[t], widen16(s16[t]));
+    }
+}
+
+/* lane j = the sum of the lanes of v[j] */
+QRZ_AVX2_INLINE __m256i hsum8x8_i32(const __m256i *v) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+QRZ_AVX2_INLINE void fp4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
+                              float *y, int64_t ldy, const int NT, const int RPG) {
+    const qrz_fp4_view v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qrz_fp4_lut[v.e_w]));
+    const int32_t G = w->group, rpg = RPG > 0 ? RPG : G / 32, burst = v.e_w == 3 ? 2 : 8;
+    const int64_t K = w->cols, ng = K / G;
+    const int8_t *xq = x->q + i * K;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *wd = v.d + r * ng;
+        const uint8_t *codes = v.codes + r * (K / 2);
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+            const int64_t gn = ng - g0 < 8 ? ng - g0 : 8;
+            __m256i sums[4][8];
+            for (int64_t j = 0; j < 8; j++) {
+                __m256i s32[4];
+                if (j < gn) fp4_group(codes + (g0 + j) * 16 * rpg, xq + (g0 + j) * 32 * rpg, K, rpg, burst, lut, NT, s32);
+                for (int t = 0; t < NT; t++) sums[t][j] = j < gn ? s32[t] : _mm256_setzero_si256();
+            }
+            float ds[8];
+            for (int64_t j = 0; j < gn; j++) ds[j] = _cvtsh_ss(wd[g0 + j]);
+            for (int t = 0; t < NT; t++) {
+                float s[8];
+                _mm256_storeu_ps(s, _mm256_cvtepi32_ps(hsum8x8_i32(sums[t])));
+                for (int64_t j = 0; j < gn; j++) acc[t] += ds[j] * s[j];
+            }
+        }
+        for (int t = 0; t < NT; t++) y[(i + t) * ldy + r] = acc[t] * x->d[i + t];
+    }
+}
+
+QRZ_AVX2 static void fp4_matmul_avx2(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,
+                                     int64_t ldy) {
+    NIB_DISPATCH(fp4_rows, w, x, r0, r1, y, ldy)
+}
+
 /* ---- attention vectors ---- */
 QRZ_AVX2 static float dot_avx2(const float *a, const float *b, int n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
@@ -590,6 +659,8 @@ void qrz_register_avx2(void) {
     qrz_types[QRZ_TYPE_SDR].matmul[1][QRZ_ISA_AVX2] = sdr_matmul_sdr4_avx2;
     qrz_types[QRZ_TYPE_INT4].matmul[0][QRZ_ISA_AVX2] = int4_matmul_avx2;
     qrz_types[QRZ_TYPE_INT4].matmul[1][QRZ_ISA_AVX2] = int4_matmul_avx2;
+    qrz_types[QRZ_TYPE_FP4].matmul[0][QRZ_ISA_AVX2] = fp4_matmul_avx2;
+    qrz_types[QRZ_TYPE_FP4].matmul[1][QRZ_ISA_AVX2] = fp4_matmul_avx2;
 }
 #else
 void qrz_register_avx2(void) {}

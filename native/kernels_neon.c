@@ -11,7 +11,7 @@
  *
  * The integer kernels compute exactly the scalar reference's (native/types.c) integer totals and then the same
  * float expression in the same order, lane by lane: SDR results are bit-identical to the scalar kernels, and so
- * are Q8/INT4 as long as the build does not contract multiply-adds (ISO C mode, as pyqrt/_build.py compiles).
+ * are Q8/INT4/FP4 as long as the build does not contract multiply-adds (ISO C mode, as pyqrt/_build.py compiles).
  */
 #include "qrz_internal.h"
 #if defined(__aarch64__) && defined(__ARM_NEON)
@@ -81,20 +81,30 @@ QRZ_INLINE int32x4_t lane_totals(const int32x4_t *acc, int L) {
     return vsetq_lane_s32(vaddvq_s32(acc[0]), vdupq_n_s32(0), 0);
 }
 
-/* ---- the 4-bit plane (SDR, INT4): each run of 32 values in 16 bytes, value j in the low nibble of byte j and
- * value j + 16 in its high nibble, stored as m + 8 ---- */
+/* ---- the 4-bit plane (SDR, INT4, FP4): each run of 32 values in 16 bytes, value j in the low nibble of byte j
+ * and value j + 16 in its high nibble; SDR and INT4 store mantissas m as m + 8, FP4 stores codes 0..15 that its
+ * layout's 16-entry table turns into int8 values (TBL: one instruction for 16 lookups) ---- */
 QRZ_INLINE int8x16_t nib_lo(uint8x16_t b) {
     return vsubq_s8(vreinterpretq_s8_u8(vandq_u8(b, vdupq_n_u8(15))), vdupq_n_s8(8));
 }
 QRZ_INLINE int8x16_t nib_hi(uint8x16_t b) { return vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(b, 4)), vdupq_n_s8(8)); }
 
-/* acc[a * NX + b] += products of weight row a's mantissas and activation row b's codes over columns [c, end);
+/* the low / high nibbles as values: through table when there is one (FP4), else as m + 8 mantissas; table is a
+ * constant per kernel, so the inlined test folds away */
+QRZ_INLINE int8x16_t unpack_lo(uint8x16_t b, const int8x16_t *table) {
+    return table ? vqtbl1q_s8(*table, vandq_u8(b, vdupq_n_u8(15))) : nib_lo(b);
+}
+QRZ_INLINE int8x16_t unpack_hi(uint8x16_t b, const int8x16_t *table) {
+    return table ? vqtbl1q_s8(*table, vshrq_n_u8(b, 4)) : nib_hi(b);
+}
+
+/* acc[a * NX + b] += products of weight row a's values and activation row b's codes over columns [c, end);
  * c and end are multiples of 16 (group sizes of the 4-bit formats are), so a group may start or end mid-run */
 QRZ_INLINE void nib_dot(const uint8_t *const *wm, const int8_t *const *xq, int NW, int NX, int64_t c, int64_t end,
-                        dot16_fn dot, int32x4_t *acc) {
+                        const int8x16_t *table, dot16_fn dot, int32x4_t *acc) {
     if (c < end && (c & 16)) {            /* the high half of a run */
         int8x16_t wv[4];
-        for (int a = 0; a < NW; a++) wv[a] = nib_hi(vld1q_u8(wm[a] + (c >> 5) * 16));
+        for (int a = 0; a < NW; a++) wv[a] = unpack_hi(vld1q_u8(wm[a] + (c >> 5) * 16), table);
         for (int b = 0; b < NX; b++) {
             const int8x16_t xv = vld1q_s8(xq[b] + c);
             for (int a = 0; a < NW; a++) acc[a * NX + b] = dot(acc[a * NX + b], wv[a], xv);
@@ -105,8 +115,8 @@ QRZ_INLINE void nib_dot(const uint8_t *const *wm, const int8_t *const *xq, int N
         int8x16_t lo[4], hi[4];
         for (int a = 0; a < NW; a++) {
             const uint8x16_t raw = vld1q_u8(wm[a] + (c >> 5) * 16);
-            lo[a] = nib_lo(raw);
-            hi[a] = nib_hi(raw);
+            lo[a] = unpack_lo(raw, table);
+            hi[a] = unpack_hi(raw, table);
         }
         for (int b = 0; b < NX; b++) {
             const int8x16_t x0 = vld1q_s8(xq[b] + c), x1 = vld1q_s8(xq[b] + c + 16);
@@ -118,7 +128,7 @@ QRZ_INLINE void nib_dot(const uint8_t *const *wm, const int8_t *const *xq, int N
     }
     if (c < end) {                        /* the low half of a run */
         int8x16_t wv[4];
-        for (int a = 0; a < NW; a++) wv[a] = nib_lo(vld1q_u8(wm[a] + (c >> 5) * 16));
+        for (int a = 0; a < NW; a++) wv[a] = unpack_lo(vld1q_u8(wm[a] + (c >> 5) * 16), table);
         for (int b = 0; b < NX; b++) {
             const int8x16_t xv = vld1q_s8(xq[b] + c);
             for (int a = 0; a < NW; a++) acc[a * NX + b] = dot(acc[a * NX + b], wv[a], xv);
@@ -237,13 +247,43 @@ QRZ_INLINE void int4_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot) {
     for (int64_t g = 0; g < ng; g++) {
         int32x4_t acc[4];
         for (int l = 0; l < 4; l++) acc[l] = vdupq_n_s32(0);
-        nib_dot(wm, xq, NW, NX, g * G, g * G + G, dot, acc);
+        nib_dot(wm, xq, NW, NX, g * G, g * G + G, NULL, dot, acc);
         float sc[4] = {0, 0, 0, 0};
         for (int a = 0; a < NW; a++)
             for (int b = 0; b < NX; b++) sc[a * NX + b] = h2f(wd[a][g]) * xd[b][g];
         facc = vaddq_f32(facc, vmulq_f32(vld1q_f32(sc), vcvtq_f32_s32(lane_totals(acc, NW * NX))));
     }
     store_f32(facc, NW, NX, r, i, y, ldy);
+}
+
+/* FP4 weights x I8_ROW or FP4 activations (int8 lanes within +-127 and one scale per row, either way): the codes
+ * through the layout's table (values within +-64, so a dot16_mull int16 pair stays within 2 * 64 * 127), an int32
+ * sum per group, then per lane acc += d_w * sum in group order and one multiply by the row's activation scale,
+ * as the scalar kernel */
+QRZ_INLINE void fp4_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot) {
+    const qrz_fp4_view v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
+    const int8x16_t table = vld1q_s8(qrz_fp4_lut[v.e_w]);
+    const int32_t G = w->group;
+    const int64_t K = w->cols, ng = K / G;
+    const uint8_t *wc[4];
+    const int8_t *xq[4];
+    const uint16_t *wd[4];
+    for (int a = 0; a < NW; a++) { wc[a] = v.codes + (r + a) * (K / 2); wd[a] = v.d + (r + a) * ng; }
+    for (int b = 0; b < NX; b++) xq[b] = x->q + (i + b) * K;
+    float32x4_t facc = vdupq_n_f32(0.0f);
+    for (int64_t g = 0; g < ng; g++) {
+        int32x4_t acc[4];
+        for (int l = 0; l < 4; l++) acc[l] = vdupq_n_s32(0);
+        nib_dot(wc, xq, NW, NX, g * G, g * G + G, &table, dot, acc);
+        float sc[4] = {0, 0, 0, 0};
+        for (int a = 0; a < NW; a++)
+            for (int b = 0; b < NX; b++) sc[a * NX + b] = h2f(wd[a][g]);
+        facc = vaddq_f32(facc, vmulq_f32(vld1q_f32(sc), vcvtq_f32_s32(lane_totals(acc, NW * NX))));
+    }
+    float xd[4] = {0, 0, 0, 0};
+    for (int a = 0; a < NW; a++)
+        for (int b = 0; b < NX; b++) xd[a * NX + b] = x->d[i + b];
+    store_f32(vmulq_f32(facc, vld1q_f32(xd)), NW, NX, r, i, y, ldy);
 }
 
 /* SDR weights: row scale s (f32 plane), shift nibbles (flag plane), mantissas (nibble plane) */
@@ -278,7 +318,7 @@ QRZ_INLINE void sdr_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot, int act4) {
     for (int64_t g = 0; g < ng; g++) {
         int32x4_t acc[4];
         for (int l = 0; l < 4; l++) acc[l] = vdupq_n_s32(0);
-        nib_dot(wm, xq, NW, NX, g * G, g * G + G, dot, acc);
+        nib_dot(wm, xq, NW, NX, g * G, g * G + G, NULL, dot, acc);
         int32_t sh[4] = {0, 0, 0, 0};
         for (int a = 0; a < NW; a++)
             for (int b = 0; b < NX; b++) sh[a * NX + b] = sdr_shift(flags[a], g) + (act4 ? xe[b][g] : 0);
@@ -339,11 +379,13 @@ DEFINE_KERNEL(q8_matmul_neon, QRZ_PLAIN, q8_tile, dot16_mull)
 DEFINE_KERNEL(int4_matmul_neon, QRZ_PLAIN, int4_tile, dot16_mull)
 DEFINE_KERNEL(sdr_i8_matmul_neon, QRZ_PLAIN, sdr_tile, dot16_mull, 0)
 DEFINE_KERNEL(sdr_sdr4_matmul_neon, QRZ_PLAIN, sdr_tile, dot16_mull, 1)
+DEFINE_KERNEL(fp4_matmul_neon, QRZ_PLAIN, fp4_tile, dot16_mull)
 #if QRZ_NEON_DOTPROD
 DEFINE_KERNEL(q8_matmul_sdot, QRZ_DOTPROD_TARGET, q8_tile, dot16_sdot)
 DEFINE_KERNEL(int4_matmul_sdot, QRZ_DOTPROD_TARGET, int4_tile, dot16_sdot)
 DEFINE_KERNEL(sdr_i8_matmul_sdot, QRZ_DOTPROD_TARGET, sdr_tile, dot16_sdot, 0)
 DEFINE_KERNEL(sdr_sdr4_matmul_sdot, QRZ_DOTPROD_TARGET, sdr_tile, dot16_sdot, 1)
+DEFINE_KERNEL(fp4_matmul_sdot, QRZ_DOTPROD_TARGET, fp4_tile, dot16_sdot)
 #endif
 
 /* ---- attention vectors ---- */
@@ -387,6 +429,8 @@ void qrz_register_neon(void) {
     t[QRZ_TYPE_SDR].matmul[1][QRZ_ISA_NEON] = sdr_sdr4_matmul_neon;
     t[QRZ_TYPE_INT4].matmul[0][QRZ_ISA_NEON] = int4_matmul_neon;
     t[QRZ_TYPE_INT4].matmul[1][QRZ_ISA_NEON] = int4_matmul_neon;
+    t[QRZ_TYPE_FP4].matmul[0][QRZ_ISA_NEON] = fp4_matmul_neon;
+    t[QRZ_TYPE_FP4].matmul[1][QRZ_ISA_NEON] = fp4_matmul_neon;
     g_dotprod = 0;
 #if QRZ_NEON_DOTPROD
     if (neon_has_dotprod()) {
@@ -396,6 +440,8 @@ void qrz_register_neon(void) {
         t[QRZ_TYPE_SDR].matmul[1][QRZ_ISA_NEON] = sdr_sdr4_matmul_sdot;
         t[QRZ_TYPE_INT4].matmul[0][QRZ_ISA_NEON] = int4_matmul_sdot;
         t[QRZ_TYPE_INT4].matmul[1][QRZ_ISA_NEON] = int4_matmul_sdot;
+        t[QRZ_TYPE_FP4].matmul[0][QRZ_ISA_NEON] = fp4_matmul_sdot;
+        t[QRZ_TYPE_FP4].matmul[1][QRZ_ISA_NEON] = fp4_matmul_sdot;
     }
 #endif
 }

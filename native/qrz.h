@@ -36,7 +36,7 @@ typedef enum {
 } qrz_kv_type;
 
 typedef enum {
-    QRZ_TYPE_F32 = 0, QRZ_TYPE_F16 = 1, QRZ_TYPE_Q8 = 2, QRZ_TYPE_SDR = 3, QRZ_TYPE_INT4 = 4, QRZ_TYPE_COUNT = 5
+    QRZ_TYPE_F32 = 0, QRZ_TYPE_F16 = 1, QRZ_TYPE_Q8 = 2, QRZ_TYPE_SDR = 3, QRZ_TYPE_INT4 = 4, QRZ_TYPE_FP4 = 5, QRZ_TYPE_COUNT = 6
 } qrz_tensor_type;
 
 /* how a context stores its KV cache: float32, float16, int8 per group of 32 (absmax), or QRazor SDR 4-bit */

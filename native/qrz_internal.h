@@ -66,6 +66,8 @@ typedef enum {
     QRZ_ACTS_Q4_GROUP,    /* int4 (in int8 bytes) per group: d[n][ng] = absmax/7, q in -8..7 */
     QRZ_ACTS_I8_ROW,      /* int8 per row: d[n] = absmax/127 */
     QRZ_ACTS_SDR4_ROW,    /* QRazor SDR from an int16 base per row: d[n] = absmax/32767, e[n][ng] in 0..12, q in -8..7 */
+    QRZ_ACTS_FP4,         /* LLM-FP4 codes with the weight tensor's per-channel offsets k_c, as int8 lanes
+                             lut[code] << (K - k_c); d[n] the row's scale / 2^K (docs/QUANTIZATION.md) */
     QRZ_ACTS_COUNT
 } qrz_acts_kind;
 
@@ -78,6 +80,7 @@ typedef struct {
     float *d;                     /* scales: [n][cols/group] for group kinds, [n] for row kinds */
     uint8_t *e;                   /* [n][cols/group] SDR shifts (SDR4_ROW only) */
     int32_t group;
+    const uint8_t *params;        /* the weight tensor's bytes, for kinds whose parameters it holds (FP4) */
 } qrz_acts;
 
 /* the same activations, rows [i0, i0 + n) */
@@ -105,6 +108,20 @@ typedef struct {
 } qrz_type_traits;
 
 extern qrz_type_traits qrz_types[QRZ_TYPE_COUNT];
+
+/* FP4 (docs/FORMAT.md): a tensor starts with a 64-byte header; e is a layout's exponent bits (1 E1M2, 2 E2M1,
+ * 3 E3M0) */
+#define QRZ_FP4_HEADER 64
+extern const int8_t qrz_fp4_lut[4][16];   /* [e][code]: codes 0..7 the layout's integer magnitudes, 8 + i minus them */
+int qrz_fp4_max_shift(int e);             /* K: the largest activation channel offset of layout e */
+typedef struct {
+    int e_w, e_a, mode;           /* weight and activation layouts; activation scale 0 static, 1 dynamic */
+    float scale;                  /* static: the code unit; dynamic: the clipping ratio */
+    const uint8_t *shifts;        /* [cols] activation channel offsets k_c */
+    const uint16_t *d;            /* [rows][cols/group] f16 weight scales */
+    const uint8_t *codes;         /* [rows][cols/2] nibble plane of codes */
+} qrz_fp4_view;
+qrz_fp4_view qrz_fp4_split(const uint8_t *data, int64_t rows, int64_t cols, int32_t group);
 void qrz_types_init(void);        /* fills the SIMD columns of qrz_types for this build */
 /* the activation path (0 or 1) a weight type uses when the context asks for act_bits */
 int qrz_act_path(int type, int act_bits);

@@ -232,6 +232,77 @@ static void int4_matmul_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r
     }
 }
 
+/* ---- FP4 (LLM-FP4): header, activation offsets, f16 group scales, codes; value d * lut[code] ---- */
+const int8_t qrz_fp4_lut[4][16] = {
+    {0},
+    {0, 1, 2, 3, 4, 5, 6, 7, 0, -1, -2, -3, -4, -5, -6, -7},                /* E1M2: sign-magnitude integers */
+    {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12},              /* E2M1, in steps of 0.5 */
+    {0, 1, 2, 4, 8, 16, 32, 64, 0, -1, -2, -4, -8, -16, -32, -64},         /* E3M0: powers of two */
+};
+
+/* 2^E - 1 (LLM-FP4's offset range), cut so that every activation lane lut[code] << K fits an int8 */
+int qrz_fp4_max_shift(int e) {
+    static const int k[4] = {0, 1, 3, 0};
+    return e >= 1 && e <= 3 ? k[e] : 0;
+}
+
+static uint64_t fp4_nbytes(int64_t rows, int64_t cols, int32_t group) {
+    if (!nibble_shape_ok(cols, group, 1 << 16) || group % 32) return 0;
+    return QRZ_FP4_HEADER + align_up((uint64_t)cols, QRZ_ALIGN) + align_up((uint64_t)rows * (cols / group) * 2, QRZ_ALIGN) +
+           (uint64_t)rows * (uint64_t)cols / 2;
+}
+
+qrz_fp4_view qrz_fp4_split(const uint8_t *data, int64_t rows, int64_t cols, int32_t group) {
+    qrz_fp4_view v = {data[0], data[1], data[2], 0.0f, NULL, NULL, NULL};
+    memcpy(&v.scale, data + 4, 4);
+    v.shifts = data + QRZ_FP4_HEADER;
+    v.d = (const uint16_t *)(v.shifts + align_up((uint64_t)cols, QRZ_ALIGN));
+    v.codes = (const uint8_t *)v.d + align_up((uint64_t)rows * (cols / group) * 2, QRZ_ALIGN);
+    return v;
+}
+
+static const char *fp4_check(const qrz_weight *w) {
+    const qrz_fp4_view v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
+    if (v.e_w < 1 || v.e_w > 3 || v.e_a < 1 || v.e_a > 3) return "an FP4 layout other than E1M2, E2M1, E3M0";
+    if (v.mode > 1) return "an unknown FP4 activation scale mode";
+    if (!(v.scale > 0.0f) || !isfinite(v.scale)) return "an FP4 activation scale that is not a positive number";
+    const int K = qrz_fp4_max_shift(v.e_a);
+    for (int64_t c = 0; c < w->cols; c++)
+        if (v.shifts[c] > K) return "an FP4 activation offset above its layout's largest";
+    return NULL;
+}
+
+static void fp4_dequant_row(const qrz_weight *w, int64_t r, float *out) {
+    const qrz_fp4_view v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
+    const uint16_t *d = v.d + r * (w->cols / w->group);
+    const uint8_t *codes = v.codes + r * (w->cols / 2);
+    for (int64_t c = 0; c < w->cols; c++)
+        out[c] = qrz_f16_to_f32(d[c / w->group]) * (float)qrz_fp4_lut[v.e_w][nibble_at(codes, c) + 8];
+}
+
+/* activations int8 per row (I8_ROW) or FP4 lanes (FP4), one scale per row either way: an int32 sum per group
+ * from the weight table's integers, one float multiply-add per group by the weight scale, one multiply per output */
+static void fp4_matmul_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    const qrz_fp4_view v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
+    const int8_t *lut = qrz_fp4_lut[v.e_w];
+    const int32_t G = w->group;
+    const int64_t ng = w->cols / G;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *wd = v.d + r * ng;
+        const uint8_t *codes = v.codes + r * (w->cols / 2);
+        for (int64_t i = 0; i < x->n; i++) {
+            const int8_t *xq = x->q + i * x->cols;
+            float acc = 0.0f;
+            for (int64_t g = 0; g < ng; g++) {
+                int32_t sum = 0;   /* |lut| <= 64, |x| <= 127, G <= 2^16: within int32 */
+                for (int32_t k = 0; k < G; k++) sum += lut[nibble_at(codes, g * G + k) + 8] * xq[g * G + k];
+                acc += qrz_f16_to_f32(wd[g]) * (float)sum;
+            }
+            y[i * ldy + r] = acc * x->d[i];
+        }
+    }
+}
+
 /* ---- activation quantizers (docs/QUANTIZATION.md); the reference for any SIMD version ---- */
 static float absmax(const float *x, int64_t n) {
     float amax = 0.0f;
@@ -284,18 +355,53 @@ static void quantize_rows_sdr4(const float *x, int64_t n, int64_t cols, int32_t 
     }
 }
 
+/* LLM-FP4 on a row: channel c raised by 2^k_c, one scale for the row (dynamic: clip * max / top; static: the
+ * stored unit), the nearest code (ties to the even magnitude index: round half to even of the float format),
+ * kept as the int8 lane lut[code] << (K - k_c) so that the weights' 2^-k_c rides on the activation side */
+static void quantize_rows_fp4(const float *x, int64_t n, int64_t cols, const uint8_t *params, int8_t *q, float *d) {
+    const qrz_fp4_view v = qrz_fp4_split(params, 1, cols, 32);
+    const int8_t *lut = qrz_fp4_lut[v.e_a];
+    const int K = qrz_fp4_max_shift(v.e_a);
+    static const float pow2[8] = {1, 2, 4, 8, 16, 32, 64, 128};   /* offsets are at most 3 (the loader checks) */
+    float t[7];
+    for (int k = 0; k < 7; k++) t[k] = (float)(lut[k] + lut[k + 1]) * 0.5f;
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * cols;
+        float s = v.scale;
+        if (v.mode == 1) {
+            float amax = 0.0f;   /* a plain compare (NaN never wins, as with fmaxf): GCC 12 for aarch64 fails
+                                    with an internal error vectorizing the fmaxf form of this loop */
+            for (int64_t c = 0; c < cols; c++) {
+                const float a = fabsf(xi[c]) * pow2[v.shifts[c]];
+                if (a > amax) amax = a;
+            }
+            s = amax * v.scale / (float)lut[7];
+        }
+        const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+        d[i] = s * (1.0f / (float)(1 << K));
+        for (int64_t c = 0; c < cols; c++) {
+            const float val = xi[c] * pow2[v.shifts[c]] * inv, a = fabsf(val);
+            int idx = 0;
+            for (int k = 0; k < 7; k++) idx += a > t[k] || (a == t[k] && (k & 1));
+            const int code = idx + (val < 0.0f && idx > 0 ? 8 : 0);
+            q[i * cols + c] = (int8_t)(lut[code] * (1 << (K - v.shifts[c])));
+        }
+    }
+}
+
 void qrz_quantize_acts(qrz_acts *a) {
     switch (a->kind) {
     case QRZ_ACTS_Q8_GROUP: quantize_groups(a->f32, a->n, a->cols, a->group, 127.0f, -127.0f, 127.0f, a->q, a->d); break;
     case QRZ_ACTS_Q4_GROUP: quantize_groups(a->f32, a->n, a->cols, a->group, 7.0f, -8.0f, 7.0f, a->q, a->d); break;
     case QRZ_ACTS_I8_ROW: quantize_rows_i8(a->f32, a->n, a->cols, a->q, a->d); break;
     case QRZ_ACTS_SDR4_ROW: quantize_rows_sdr4(a->f32, a->n, a->cols, a->group, a->q, a->d, a->e); break;
+    case QRZ_ACTS_FP4: quantize_rows_fp4(a->f32, a->n, a->cols, a->params, a->q, a->d); break;
     default: break;
     }
 }
 
 int64_t qrz_acts_scales_per_row(int kind, int64_t cols, int32_t group) {
-    return (kind == QRZ_ACTS_I8_ROW || kind == QRZ_ACTS_SDR4_ROW) ? 1 : cols / (group > 0 ? group : 1);
+    return (kind == QRZ_ACTS_I8_ROW || kind == QRZ_ACTS_SDR4_ROW || kind == QRZ_ACTS_FP4) ? 1 : cols / (group > 0 ? group : 1);
 }
 
 qrz_acts qrz_acts_rows(const qrz_acts *a, int64_t i0, int64_t n) {
@@ -337,6 +443,8 @@ qrz_type_traits qrz_types[QRZ_TYPE_COUNT] = {
                       {{sdr_matmul_i8_scalar}, {sdr_matmul_sdr4_scalar}}, sdr_check},
     [QRZ_TYPE_INT4] = {"int4", {QRZ_ACTS_Q8_GROUP, QRZ_ACTS_Q4_GROUP}, int4_nbytes, int4_dequant_row,
                        {{int4_matmul_scalar}, {int4_matmul_scalar}}},
+    [QRZ_TYPE_FP4] = {"fp4", {QRZ_ACTS_I8_ROW, QRZ_ACTS_FP4}, fp4_nbytes, fp4_dequant_row,
+                      {{fp4_matmul_scalar}, {fp4_matmul_scalar}}, fp4_check},
 };
 
 void qrz_types_init(void) {
@@ -375,7 +483,8 @@ int qrz_kernel_matmul(int isa, int type, int32_t group, int32_t act_bits, const 
     qrz_types_init();
     const int path = qrz_act_path(type, act_bits);
     qrz_weight w = {type, group, rows, cols, wdata, -1};
-    qrz_acts a = {n, cols, x, qrz_types[type].acts[path], NULL, NULL, NULL, group};
+    if (qrz_types[type].check && qrz_types[type].check(&w)) return QRZ_ERR_ARG;
+    qrz_acts a = {n, cols, x, qrz_types[type].acts[path], NULL, NULL, NULL, group, wdata};
     if (a.kind != QRZ_ACTS_F32) {
         a.q = malloc((size_t)(n * cols));
         a.d = malloc((size_t)(n * cols) * sizeof(float));

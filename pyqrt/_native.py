@@ -113,7 +113,7 @@ def model_metadata(model):
 
 
 TENSOR_TYPE_NAMES = {lib.QRZ_TYPE_F32: "f32", lib.QRZ_TYPE_F16: "f16", lib.QRZ_TYPE_Q8: "q8", lib.QRZ_TYPE_SDR: "sdr",
-                     lib.QRZ_TYPE_INT4: "int4"}
+                     lib.QRZ_TYPE_INT4: "int4", lib.QRZ_TYPE_FP4: "fp4"}
 
 
 def model_tensors(model):

@@ -87,11 +87,30 @@ def pyqrt_on_piece(user, piece, length):
 
 class _InputStats:
     """Per matmul, keyed by tensor index (the matmul hook's user pointer): sums of x^2 per input column, or with
-    gram=True sums of x x^T (float32, cols x cols), and the number of rows seen."""
+    gram=True sums of x x^T (float32, cols x cols), and the number of rows seen; with samples > 0 also the max |x|
+    per column and up to `samples` input rows drawn at random (a fixed seed) from everything seen."""
 
-    def __init__(self, gram=False):
+    def __init__(self, gram=False, samples=0):
         self.gram, self.sums, self.rows, self.error = gram, {}, {}, None
+        self.samples, self.absmax, self.picked = samples, {}, {}
+        self.rng = np.random.default_rng(0)
         self.last_x = self.last_sum = None     # q, k and v (gate and up) read the same input: one product
+
+    def add_samples(self, tensor, rows):
+        if tensor in self.absmax:
+            np.maximum(self.absmax[tensor], np.abs(rows).max(axis=0), out=self.absmax[tensor])
+        else:
+            self.absmax[tensor] = np.abs(rows).max(axis=0)
+        # reservoir sampling: every row seen so far is equally likely to be among those kept
+        kept = self.picked.setdefault(tensor, [])
+        seen = self.rows.get(tensor, 0)
+        for j in range(rows.shape[0]):
+            if len(kept) < self.samples:
+                kept.append(rows[j].copy())
+            else:
+                slot = int(self.rng.integers(0, seen + j + 1))
+                if slot < self.samples:
+                    kept[slot] = rows[j].copy()
 
 
 @ffi.def_extern()
@@ -106,6 +125,8 @@ def pyqrt_on_matmul(user, tensor, x, n, cols):
         else:
             r64 = rows.astype(np.float64)
             add = (r64 * r64).sum(axis=0)
+        if stats.samples:
+            stats.add_samples(tensor, rows)
         if tensor in stats.sums:
             stats.sums[tensor] += add
         else:
@@ -116,7 +137,7 @@ def pyqrt_on_matmul(user, tensor, x, n, cols):
 
 
 # weight formats whose kernels take 4-bit activations (act="4bit")
-FOUR_BIT_ACT_FORMATS = {"sdr", "int4"}
+FOUR_BIT_ACT_FORMATS = {"sdr", "int4", "fp4"}
 
 
 class Model:
@@ -140,7 +161,7 @@ class Model:
         if act == "4bit" and fmt not in FOUR_BIT_ACT_FORMATS:
             raise ValueError(f"act='4bit' needs a weight format with 4-bit activation kernels "
                              f"({', '.join(sorted(FOUR_BIT_ACT_FORMATS))}); this file is '{fmt}'. Convert with "
-                             f"--format sdr (or int4), or load with act='8bit'")
+                             f"--format sdr (or fp4, int4), or load with act='8bit'")
         self.act = act or ("8bit" if fmt not in ("f32", "f16") else "float")
         self.kv = kv
         self._ctx = _native.context_new(self.file._handle, ctx or 0, threads or 0, batch or 0,
@@ -209,16 +230,17 @@ class Model:
                                                            _native.as_c_array(nll, np.float64)))
         return nll
 
-    def input_statistics(self, text_or_ids, window=512, max_tokens=None, gram=False):
+    def input_statistics(self, text_or_ids, window=512, max_tokens=None, gram=False, samples=0):
         """Calibration: {weight name: mean of x^2 per input column (float64)} over every matmul input while the
         text is scored in non-overlapping windows (as perplexity does: each window's last token is only a
         target, never an input); gram=True: the mean of x x^T instead ((cols, cols) float32). The converter
-        rounds weights against it."""
+        rounds weights against it. samples > 0: {name: (that, max |x| per column, up to `samples` input rows
+        (n, cols) float32 drawn uniformly from all of them)} instead."""
         window = _int_arg("window", window, 2)
         ids = self.tokenize(text_or_ids, special=False) if isinstance(text_or_ids, str) else list(text_or_ids)
         if max_tokens is not None:
             ids = ids[:_int_arg("max_tokens", max_tokens, 2)]
-        stats = _InputStats(gram=bool(gram))
+        stats = _InputStats(gram=bool(gram), samples=_int_arg("samples", samples, 0))
         handle = ffi.new_handle(stats)
         lib.qrz_context_set_matmul_hook(self._ctx, lib.pyqrt_on_matmul, handle)
         try:
@@ -232,6 +254,9 @@ class Model:
         finally:
             lib.qrz_context_set_matmul_hook(self._ctx, ffi.NULL, ffi.NULL)
         names = [t["name"] for t in self.file.tensors]
+        if stats.samples:
+            return {names[i]: (stats.sums[i] / stats.rows[i], stats.absmax[i], np.stack(stats.picked[i]))
+                    for i in stats.sums}
         return {names[i]: stats.sums[i] / stats.rows[i] for i in stats.sums}
 
     def perplexity(self, text_or_ids, window=512, max_tokens=None):

@@ -402,6 +402,62 @@ def test_4bit_formats_compute_what_their_definition_says(tiny_hf, tmp_path, fmt,
         assert np.mean(got.argmax(1) == want.argmax(1)) > 0.9
 
 
+@needs_oracle
+@pytest.mark.parametrize("act", ["8bit", "4bit"])
+def test_fp4_model_computes_what_its_definition_says(tiny_hf, tmp_path, act):
+    """A calibrated FP4 model (searched layouts, scales, activation offsets and modes per tensor) against
+    transformers running its definition in float: each linear layer's weights as the stored FP4 values and its
+    input through the numpy twin of the activation quantizer, with the parameters read back from the file's
+    bytes (8bit: per-row int8)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from pyqrt.model import QrzFile
+    from convert.formats import fp4
+    calib = tmp_path / "calib.txt"
+    calib.write_text("a quiet river runs under old stone bridges, past mills and gardens. " * 100, encoding="utf-8")
+    path = convert(tiny_hf, tmp_path / "t-fp4.qrz", fmt="fp4", group_size=32, progress=False, calib=str(calib),
+                   calib_tokens=512)
+    raw = np.fromfile(path, np.uint8)
+    stored = {t["name"]: t for t in QrzFile(str(path)).tensors}
+    ref = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
+    i8_row = _fake_acts("i8row", 32)
+    modes = set()
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            if not isinstance(mod, torch.nn.Linear):
+                continue
+            t = stored.get(name + ".weight") if name != "lm_head" else None
+            if t is None or t["type"] != "fp4":   # the output head: q8, as the converter stores it
+                w = mod.weight.numpy().astype(np.float32)
+                mod.weight.copy_(torch.from_numpy(q8.dequantize(q8.quantize(w, 32), *w.shape, 32)))
+                mod.register_forward_pre_hook(lambda m, a: (_fake_acts("q8", 32)(a[0]),))
+                continue
+            rows, cols = t["shape"]
+            buf = raw[t["offset"]:t["offset"] + t["nbytes"]]
+            mod.weight.copy_(torch.from_numpy(fp4.dequantize(buf, rows, cols, 32)))
+            p = fp4.unpack(buf, rows, cols, 32)
+            modes.add((p["e_a"], p["mode"], int(p["shifts"].max())))
+            if act == "8bit":
+                quant = i8_row
+            else:
+                def quant(x, p=p):
+                    flat = x.reshape(-1, x.shape[-1]).numpy()
+                    out = fp4.dequantize_acts(flat, p["e_a"], p["mode"], p["scale"], p["shifts"])
+                    return torch.from_numpy(out).reshape(x.shape)
+            mod.register_forward_pre_hook(lambda m, a, quant=quant: (quant(a[0]),))
+        emb = ref.model.embed_tokens.weight
+        e = emb.numpy().astype(np.float32)
+        emb.copy_(torch.from_numpy(q8.dequantize(q8.quantize(e, 32), *e.shape, 32)))
+        ids = list(range(3, 60))
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+    assert any(k > 0 for _, _, k in modes)                   # the search did raise some channels
+    for isa in ["scalar"] + (["avx2"] if pyqrt.isa_supported("avx2") else []):
+        got = pyqrt.load(path, threads=2, isa=isa, batch=16, act=act).logits(ids)
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err < 1e-2, (isa, err)
+        assert np.mean(got.argmax(1) == want.argmax(1)) > 0.9
+
+
 def _native_tensors(path):
     from pyqrt.model import QrzFile
     return QrzFile(str(path), True).tensors
@@ -425,14 +481,16 @@ def test_input_statistics_are_what_transformers_sees(tiny_hf, tmp_path):
     m = pyqrt.load(convert(tiny_hf, tmp_path / "t-f32.qrz", fmt="f32", progress=False), threads=2, batch=16)
     got = m.input_statistics(ids, window=20)
     got_gram = m.input_statistics(ids, window=20, gram=True)
+    got_samples = m.input_statistics(ids, window=20, gram=True, samples=10)
     ref = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
-    want = {}
+    want, rows_seen = {}, {}
 
     def hook(name):
         def record(mod, args):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             s, g, n = want.get(name, (0, 0, 0))
             want[name] = (s + (x * x).sum(0).numpy(), g + (x.T @ x).numpy(), n + x.shape[0])
+            rows_seen.setdefault(name, []).append(x.numpy())
         return record
     for name, mod in ref.named_modules():
         if isinstance(mod, torch.nn.Linear):
@@ -445,6 +503,14 @@ def test_input_statistics_are_what_transformers_sees(tiny_hf, tmp_path):
         np.testing.assert_allclose(got[name], s / n, rtol=1e-4, err_msg=name)
         assert got_gram[name].shape == g.shape
         np.testing.assert_allclose(got_gram[name], g / n, rtol=1e-4, atol=1e-5 * np.abs(g / n).max(), err_msg=name)
+        gram, absmax, picked = got_samples[name]   # samples=: also max |x| per column and some of the rows
+        np.testing.assert_array_equal(gram, got_gram[name])
+        seen = np.concatenate(rows_seen[name])
+        np.testing.assert_allclose(absmax, np.abs(seen).max(axis=0), rtol=1e-4, atol=1e-6, err_msg=name)
+        assert picked.shape == (10, seen.shape[1]) and picked.dtype == np.float32
+        # each kept row is one of the rows seen (the runtime's float32 copy of it)
+        dist = np.abs(picked[:, None, :].astype(np.float64) - seen[None, :, :]).max(axis=2)
+        assert np.all(dist.min(axis=1) <= 1e-4 * np.abs(seen).max()), name
 
 
 def _correlated_inputs(rng, n, cols):
@@ -511,9 +577,9 @@ def test_calibrated_sdr_conversion(tiny_hf, tmp_path):
         convert(tiny_hf, tmp_path / "x.qrz", fmt="sdr", progress=False, calib=str(tmp_path / "missing.txt"))
 
 
-@pytest.mark.parametrize("fmt,group", [("sdr", 24), ("sdr", 512), ("int4", 40)])
-def test_4bit_formats_refuse_group_sizes_they_cannot_store(tiny_hf, tmp_path, fmt, group):
+@pytest.mark.parametrize("fmt,group,multiple", [("sdr", 24, 16), ("sdr", 512, 16), ("int4", 40, 16), ("fp4", 48, 32)])
+def test_4bit_formats_refuse_group_sizes_they_cannot_store(tiny_hf, tmp_path, fmt, group, multiple):
     from convert import ConvertError
-    with pytest.raises(ConvertError, match="multiple of 16"):
+    with pytest.raises(ConvertError, match=f"multiple of {multiple}"):
         convert(tiny_hf, tmp_path / "x.qrz", fmt=fmt, group_size=group, progress=False)
     assert not os.listdir(tmp_path)

@@ -181,7 +181,7 @@ def test_unsupported_architecture(tmp_path, tiny_qrz):
     assert pyqrt.open_file(path).metadata["general.architecture"] == "mamba"   # still inspectable
 
 
-_TYPE_IDS = {"f32": 0, "f16": 1, "q8": 2, "sdr": 3, "int4": 4}
+_TYPE_IDS = {"f32": 0, "f16": 1, "q8": 2, "sdr": 3, "int4": 4, "fp4": 5}
 _I32_KEYS = {"tokenizer.bos_id", "tokenizer.eos_id", "tokenizer.pad_id"}
 _I32_ARRAYS = {"tokenizer.token_type", "tokenizer.eog_ids"}
 
@@ -245,6 +245,33 @@ def test_sdr_shift_out_of_range_is_refused(tmp_path, shift):
         pyqrt.load(path).logits([1, 2, 3])
     else:
         _expect(path, pyqrt.FormatError, (name, "shift above 4"))
+
+
+@pytest.mark.parametrize("at,value,why", [(None, None, None), (0, 0, "FP4 layout"), (1, 4, "FP4 layout"),
+                                         (2, 7, "scale mode"), ("scale", -1.0, "activation scale"),
+                                         ("shift", 4, "activation offset")])
+def test_fp4_header_out_of_range_is_refused(tmp_path, at, value, why):
+    """a file with valid checksums whose FP4 header names no layout, no scale mode, a scale that is not positive,
+    or an activation offset its layout's int8 lanes cannot hold is refused at load; the unedited file loads"""
+    from convert.formats import fp4
+    hf = make_tiny_llama(tmp_path / "hf")
+    src = str(convert(hf, tmp_path / "fp4.qrz", fmt="fp4", group_size=32, progress=False))
+    name = "model.layers.1.self_attn.o_proj.weight"
+
+    def edit(tname, data):
+        if tname != name or at is None:
+            return
+        if at == "scale":
+            data[4:8] = struct.pack("<f", value)
+        elif at == "shift":                  # input channel 5 of a tensor whose activations are E2M1 (K = 3)
+            data[fp4.HEADER_BYTES + 5] = value
+        else:
+            data[at] = value
+    path = _rewrite(src, tmp_path / "edited.qrz", edit_tensor=edit)
+    if at is None:
+        pyqrt.load(path, act="4bit").logits([1, 2, 3])
+    else:
+        _expect(path, pyqrt.FormatError, (name, why))
 
 
 def test_missing_tensor(tmp_path, tiny_qrz):

@@ -12,6 +12,9 @@ quantizers do (docs/QUANTIZATION.md), so:
   - SDR (W4A8 and W4A4): numpy == scalar == NEON, bit for bit (integer totals, one float multiply);
   - Q8 / INT4: NEON == scalar bit for bit (same integer group sums, same float ops in the same order), and both
     within float-rounding distance of the float64 reference;
+  - FP4: numpy's float32 replay of the scalar kernel (exact integer group sums, then acc += d_g * sum_g in group
+    order, times the row's activation scale) == scalar == NEON, bit for bit, and all within float-rounding
+    distance of the float64 reference;
   - F32 / F16 and the attention vectors: within float-rounding distance (the summation order differs).
 
 Without the cross compiler or qemu the tests skip, naming the missing tool; with CI set they fail instead
@@ -20,6 +23,7 @@ Without the cross compiler or qemu the tests skip, naming the missing tool; with
 import hashlib
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
@@ -29,6 +33,7 @@ import numpy as np
 import pytest
 
 from convert.formats import f16 as f16_format
+from convert.formats import fp4 as fp4_format
 from convert.formats import int4 as int4_format
 from convert.formats import nibbles
 from convert.formats import q8 as q8_format
@@ -45,7 +50,7 @@ CORE_SOURCES = ["types.c", "cpu.c", "file.c", "kernels_neon.c"]
 # as pyqrt/_build.py compiles the module (ISO C: no float multiply-add contraction)
 CFLAGS = ["-O3", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 
-TYPE_IDS = {"f32": 0, "f16": 1, "q8": 2, "sdr": 3, "int4": 4}
+TYPE_IDS = {"f32": 0, "f16": 1, "q8": 2, "sdr": 3, "int4": 4, "fp4": 5}
 ISA_SCALAR, ISA_NEON = 0, 2
 NATIVE_HOST = platform.machine().lower() in ("aarch64", "arm64")
 # qemu CPU models: (name, SDOT expected); a native host runs once, as whatever it is
@@ -109,8 +114,8 @@ def _build_driver():
 
 # ---- weights and activations ----
 def _weight(kind, rows, cols, rng):
-    # "raw" and "max" start from random weights whose codes the case then overwrites
-    return make_weight("random" if kind in ("raw", "max") else kind, rows, cols, rng)
+    # "raw" and "max" (FP4: "raw-w1a3d", "max-w3a2") start from random weights whose codes the case then overwrites
+    return make_weight("random" if kind.split("-")[0] in ("raw", "max") else kind, rows, cols, rng)
 
 
 def _acts(kind, n, cols, rng):
@@ -170,6 +175,28 @@ def _encode(type_name, wkind, w, group, rng):
             buf = sdr_format.quantize(w, group)
         s, e, m = sdr_format.unpack(buf, rows, cols, group)
         return buf, {"s": s.astype(np.float32), "e": e.astype(np.int64), "m": m.astype(np.int64)}
+    if type_name == "fp4":
+        layout = re.fullmatch(r"(raw|max)-w(\d)a(\d)([sd]?)", wkind)
+        if layout is None:   # what the converter writes: its searched weight layout, dynamic E2M1, no offsets
+            buf = fp4_format.quantize(w, group)
+        else:
+            how, e_w, e_a = layout[1], int(layout[2]), int(layout[3])
+            if how == "raw":   # random codes, scales, offsets and activation scale in the chosen layouts
+                d16 = (rng.random((rows, ng)) * 2 - 0.5).astype(np.float16)
+                codes = rng.integers(0, 16, (rows, cols)).astype(np.uint8)
+                shifts = rng.integers(0, fp4_format.max_act_shift(e_a) + 1, cols).astype(np.uint8)
+                top = float(fp4_format.codebook(e_a)[-1])
+                mode, scale = ((fp4_format.DYNAMIC, float(rng.choice([1.0, 0.7, 0.3]))) if layout[4] == "d"
+                               else (fp4_format.STATIC, 2.5 / top))   # static: |x| = 2.5 at the top code
+            else:              # every code the most negative: with "max" activations, the largest sums
+                d16 = np.ones((rows, ng), np.float16)
+                codes = np.full((rows, cols), 15, np.uint8)
+                shifts = np.zeros(cols, np.uint8)                      # every lane top << K
+                mode, scale = fp4_format.DYNAMIC, 1.0
+            buf = fp4_format.pack(e_w, d16, codes, e_a, mode, scale, shifts)
+        p = fp4_format.unpack(buf, rows, cols, group)
+        wl = fp4_format.signed_lut(p["e_w"])[p["codes"]].astype(np.int64)
+        return buf, {"wl": wl, "d": p["d16"].astype(np.float32), **{k: p[k] for k in ("e_a", "mode", "scale", "shifts")}}
     raise ValueError(type_name)
 
 
@@ -227,6 +254,22 @@ def reference(type_name, group, act_bits, parts, x):
         sums = _group_sums(parts["q"], xq, group)
         terms = parts["d"][None, :, :].astype(np.float64) * xd[:, None, :].astype(np.float64) * sums
         return terms.sum(axis=2), 1e-5 * np.abs(terms).sum(axis=2) + 1e-30, None
+    if type_name == "fp4":
+        if act_bits == 4:
+            xq, xd = fp4_format.quantize_acts(x, parts["e_a"], parts["mode"], parts["scale"], parts["shifts"])
+        else:
+            xq, xd = quantize_acts_i8_row(x)
+        sums = _group_sums(parts["wl"], xq, group)
+        assert np.abs(sums).max(initial=0) < 2 ** 31, "test data outside the kernels' documented int32 range"
+        # the scalar kernel's float32 ops in its order: acc += d_g * (float)sum_g over the groups, then acc * d_x
+        d_w = parts["d"]
+        acc = np.zeros(sums.shape[:2], np.float32)
+        for g in range(sums.shape[2]):
+            acc = acc + d_w[None, :, g] * sums[:, :, g].astype(np.float32)
+        exact = (acc * xd[:, None]).astype(np.float32)
+        terms = d_w[None].astype(np.float64) * sums
+        scale = np.abs(xd).astype(np.float64)[:, None]
+        return terms.sum(axis=2) * xd[:, None], 1e-5 * np.abs(terms).sum(axis=2) * scale + 1e-30, exact
     # SDR: exact integer totals, then (float)total * (s_w * d_x) in float32
     if act_bits == 4:
         xq, xd, xe = quantize_acts_sdr4_row(x, group)
@@ -284,6 +327,35 @@ def _matmul_specs():
         specs.append(("sdr", group, 8, 3, 2048, 2, "max", "max"))
     specs.append(("int4", 32, 8, 3, 2048, 2, "max", "max"))
     specs.append(("q8", 32, 8, 3, 2048, 2, "extremes", "max"))
+    # FP4: groups of 32, 64, 96 and per channel (group = cols); weight rows and activation rows hitting every tile
+    # tail; the converter's output for each weight kind, then random codes in each weight layout (with activation
+    # layouts and static / dynamic scales cycling over the shapes), then every code at the top magnitude
+    fp4_shapes = {32: [(7, 64, 1), (33, 96, 5), (6, 128, 8), (1, 32, 3), (4, 576, 65)],
+                  64: [(16, 576, 7), (3, 64, 2), (5, 192, 4)],
+                  96: [(4, 96, 6), (5, 576, 3), (9, 192, 1)],
+                  "cols": [(2, 32, 1), (7, 96, 5), (6, 576, 4), (3, 2048, 3)]}
+    for act_bits in (8, 4):
+        k = 0
+        for group, shapes in fp4_shapes.items():
+            for rows, cols, n in shapes:
+                kinds = list(wk_q)
+                for e_w in (1, 2, 3):
+                    kinds.append(f"raw-w{e_w}a{(e_w + k) % 3 + 1}{'sd'[(e_w + k + act_bits // 4) % 2]}")
+                kinds.append(f"max-w{k % 3 + 1}a{(k + 1) % 3 + 1}")
+                for j, wk in enumerate(kinds):
+                    specs.append(("fp4", cols if group == "cols" else group, act_bits, rows, cols, n, wk,
+                                  xkinds[(k + j + act_bits) % 5]))
+                k += 1
+    # FP4 largest sums: top weights x extreme lanes; int16 pairs up to 2 * 64 * 127 (dot16_mull) and, with a
+    # 2^16-column group, an int32 group sum of 64 * 127 * 2^16 (the scalar kernel's documented limit)
+    for e_w in (1, 2, 3):
+        for act_bits in (8, 4):
+            specs.append(("fp4", 4096, act_bits, 3, 4096, 2, f"max-w{e_w}a2", "max"))
+    for e_a in (1, 3):
+        specs.append(("fp4", 4096, 4, 3, 4096, 2, f"max-w3a{e_a}", "max"))
+    specs.append(("fp4", 32, 8, 5, 2048, 2, "max-w3a2", "max"))
+    for act_bits in (8, 4):
+        specs.append(("fp4", 1 << 16, act_bits, 2, 1 << 16, 1, "max-w3a2", "max"))
     return specs
 
 
@@ -407,14 +479,15 @@ def test_neon_matmul(neon_run, cpu, index):
     # a matmul split into row slices (as threads run it) computes every output exactly as the whole one
     np.testing.assert_array_equal(split.view(np.uint32), neon.view(np.uint32))
     want, bound, exact = reference(t, group, act_bits, parts, x)
-    if exact is not None:   # SDR: numpy, scalar and NEON agree bit for bit
+    if exact is not None:   # SDR, FP4: numpy, scalar and NEON agree bit for bit
         np.testing.assert_array_equal(scalar.view(np.uint32), exact.view(np.uint32), err_msg="scalar vs numpy")
         np.testing.assert_array_equal(neon.view(np.uint32), scalar.view(np.uint32), err_msg="NEON vs scalar")
-        return
+        if t == "sdr":
+            return
     for name, y in (("scalar", scalar), ("neon", neon)):
         err = np.abs(y.astype(np.float64) - want)
         assert np.all(err <= bound), f"{name} vs numpy: worst error / bound {float(np.max(err / bound)):.3g}"
-    if t in ("q8", "int4"):   # the same integer sums and the same float ops, in the same order
+    if t in ("q8", "int4", "fp4"):   # the same integer sums and the same float ops, in the same order
         np.testing.assert_array_equal(neon.view(np.uint32), scalar.view(np.uint32), err_msg="NEON vs scalar")
     else:
         assert np.all(np.abs(neon.astype(np.float64) - scalar) <= 2 * bound)

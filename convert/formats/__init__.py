@@ -39,9 +39,9 @@ def scales_then_codes(d16, codes, total):
     return out
 
 
-from . import f16, f32, int4, q8, sdr  # noqa: E402  (the format modules use align64)
+from . import f16, f32, fp4, int4, q8, sdr  # noqa: E402  (the format modules use align64)
 
-FORMATS = {"f32": f32, "f16": f16, "q8": q8, "sdr": sdr, "int4": int4}
+FORMATS = {"f32": f32, "f16": f16, "q8": q8, "sdr": sdr, "int4": int4, "fp4": fp4}
 # the 4-bit formats keep the token embedding and the output head (and any matrix whose shape they cannot hold)
 # in this format at the same group size, as llama.cpp keeps them at 6-8 bits
 FOUR_BIT_FALLBACK = "q8"

@@ -42,8 +42,8 @@ static void fill_nan(float *y, size_t n) { for (size_t k = 0; k < n; k++) y[k] =
 /* the NEON kernel called directly over three row slices [0, a), [a, b), [b, rows), as a thread pool splits it */
 static int neon_split(const case_header *h, const void *wdata, const float *x, float *y) {
     const int path = qrz_act_path(h->type, h->act_bits);
-    qrz_weight w = {h->type, h->group, h->rows, h->cols, wdata};
-    qrz_acts a = {h->n, h->cols, x, qrz_types[h->type].acts[path], NULL, NULL, NULL, h->group};
+    qrz_weight w = {h->type, h->group, h->rows, h->cols, wdata, -1};
+    qrz_acts a = {h->n, h->cols, x, qrz_types[h->type].acts[path], NULL, NULL, NULL, h->group, wdata};
     if (a.kind != QRZ_ACTS_F32) {
         a.q = xmalloc((size_t)(h->n * h->cols));
         a.d = xmalloc((size_t)(h->n * h->cols) * sizeof(float));

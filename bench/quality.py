@@ -4,7 +4,7 @@
         --config sdr:8bit --config sdr:4bit --config sdr:4bit:4bit [--group-size 32 ...] [--quick]
     python -m bench.quality --weights-only --model gemma3 --config f16 --config q8 --config sdr
 
-A config is FORMAT[:ACT[:KV]]: FORMAT is the converter's --format (f32, f16, q8, int4, sdr), ACT and KV are
+A config is FORMAT[:ACT[:KV]]: FORMAT is the converter's --format (f32, f16, q8, int4, sdr, fp4), ACT and KV are
 pyqrt.load's act= ("8bit", "4bit") and kv= ("f32", "f16", "8bit", "4bit"); a part left out (or "-") is the
 runtime's default and is not passed to load(). --group-size (repeatable) applies to quantized formats; float
 formats are run once. The .qrz files come from tests/assets.py (fetched from the package index and converted on

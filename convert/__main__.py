@@ -13,10 +13,11 @@ def main(argv=None):
     parser.add_argument("--format", default="f16", choices=sorted(FORMATS), help="tensor format (default: f16)")
     parser.add_argument("--group-size", type=int, default=None,
                         help="weights per quantization group along the input dimension (default: the format's, "
-                             "16 for sdr, 32 for q8 and int4)")
+                             "16 for sdr, 64 for fp4, 32 for q8 and int4)")
     parser.add_argument("--calib", metavar="TEXT_FILE",
                         help="UTF-8 calibration text; sdr then rounds each matrix against the inputs it meets on this "
-                             "text (error feedback, as GPTQ). Never the text you evaluate on")
+                             "text (error feedback, as GPTQ), fp4 searches its weight and activation layouts, scales "
+                             "and channel offsets against them. Never the text you evaluate on")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default: 16384)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -390,6 +390,14 @@ def test_4bit_formats_compute_what_their_definition_says(tiny_hf, tmp_path, fmt,
                 mod.weight.copy_(torch.from_numpy(module.dequantize(module.quantize(w, g), *w.shape, g)))
                 quant = _fake_acts("q8", 32) if head else _fake_acts(act_kind[fmt, act], group)
                 mod.register_forward_pre_hook(lambda m, a, quant=quant: (quant(a[0]),))
+    _assert_runtime_computes(path, act, ref)
+
+
+def _assert_runtime_computes(path, act, ref):
+    """the runtime's logits on every ISA against those of `ref`, a transformers model rewritten to run a format's
+    arithmetic in float, once its embedding is also replaced by the q8 values the converter stores"""
+    import torch
+    with torch.no_grad():
         emb = ref.model.embed_tokens.weight
         e = emb.numpy().astype(np.float32)
         emb.copy_(torch.from_numpy(q8.dequantize(q8.quantize(e, 32), *e.shape, 32)))
@@ -445,17 +453,8 @@ def test_fp4_model_computes_what_its_definition_says(tiny_hf, tmp_path, act):
                     out = fp4.dequantize_acts(flat, p["e_a"], p["mode"], p["scale"], p["shifts"])
                     return torch.from_numpy(out).reshape(x.shape)
             mod.register_forward_pre_hook(lambda m, a, quant=quant: (quant(a[0]),))
-        emb = ref.model.embed_tokens.weight
-        e = emb.numpy().astype(np.float32)
-        emb.copy_(torch.from_numpy(q8.dequantize(q8.quantize(e, 32), *e.shape, 32)))
-        ids = list(range(3, 60))
-        want = ref(torch.tensor([ids])).logits[0].numpy()
     assert any(k > 0 for _, _, k in modes)                   # the search did raise some channels
-    for isa in ["scalar"] + (["avx2"] if pyqrt.isa_supported("avx2") else []):
-        got = pyqrt.load(path, threads=2, isa=isa, batch=16, act=act).logits(ids)
-        err = np.abs(got - want).max() / np.abs(want).max()
-        assert err < 1e-2, (isa, err)
-        assert np.mean(got.argmax(1) == want.argmax(1)) > 0.9
+    _assert_runtime_computes(path, act, ref)
 
 
 def _native_tensors(path):

@@ -9,9 +9,8 @@ import os
 import sys
 
 from .errors import ConvertError
-from .formats import FORMATS, FOUR_BIT_FALLBACK
+from .formats import FORMATS, FOUR_BIT_FALLBACK, Calibration
 from .formats import f32 as f32_format
-from .formats import fp4 as fp4_format
 from .architectures import architecture, model_metadata, tensor_names, transform
 from .hf import TensorSource, check_dtype, read_config
 from .qrzfile import QrzWriter, TensorSpec
@@ -64,9 +63,9 @@ def _matrix_format(fmt_module, name, rows, cols, group):
 
 
 def _calibrate(hf_dir, out_path, calib, calib_tokens, progress, samples=0):
-    """{tensor name: mean x x^T of its input (cols, cols)} of every matmul while the model (converted to a
-    temporary f16 .qrz beside the output, then removed) reads `calib_tokens` tokens of the calibration text;
-    samples > 0: {name: (that, max |x| per column, `samples` input rows)}."""
+    """{tensor name: Calibration} of every matmul's input while the model (converted to a temporary f16 .qrz
+    beside the output, then removed) reads `calib_tokens` tokens of the calibration text: mean x x^T, and with
+    samples > 0 also max |x| per column and `samples` input rows."""
     import tempfile
 
     import pyqrt
@@ -88,7 +87,7 @@ def _calibrate(hf_dir, out_path, calib, calib_tokens, progress, samples=0):
             print(f"calibrating on {len(ids)} tokens of {os.path.basename(calib)}", file=sys.stderr, flush=True)
         stats = model.input_statistics(ids, window=512, gram=True, samples=samples)
         del model
-        return stats
+        return {name: Calibration(*s) if samples else Calibration(gram=s) for name, s in stats.items()}
     finally:
         os.unlink(tmp)
 
@@ -116,9 +115,9 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
         raise ConvertError(f"--format {fmt} needs a group size that is a multiple of {multiple} and at most "
                            f"{max_group}, got {group_size}")
 
-    grams = {}
+    calibration = {}
     if calib is not None and getattr(fmt_module, "CALIBRATED", False):
-        grams = _calibrate(hf_dir, out_path, calib, calib_tokens, progress,
+        calibration = _calibrate(hf_dir, out_path, calib, calib_tokens, progress,
                            samples=getattr(fmt_module, "SAMPLE_ROWS", 0))
 
     if _is_gguf(hf_dir):
@@ -141,7 +140,7 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
                 "general.source": os.path.basename(os.path.abspath(hf_dir)),
                 "quant.format": fmt,
                 "quant.group_size": group_size if fmt_module.QUANTIZED else 0}
-        if grams:
+        if calibration:
             meta["quant.calibration"] = f"{os.path.basename(calib)}, {calib_tokens} tokens"
         n_vocab = source.shape("model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in source.where \
             else config.get("vocab_size")
@@ -177,10 +176,8 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
                     w = transform(arch, name, source.load(name))
                     if module is None:
                         data = f32_format.quantize(w)
-                    elif name in grams and module is fp4_format:
-                        data = module.quantize(w, group, calib=fp4_format.Calibration(*grams.pop(name)))
-                    elif name in grams and getattr(module, "CALIBRATED", False):
-                        data = module.quantize(w, group, gram=grams.pop(name))
+                    elif name in calibration and getattr(module, "CALIBRATED", False):
+                        data = module.quantize(w, group, calib=calibration.pop(name))
                     else:
                         data = module.quantize(w, group)
                     writer.write_tensor(name, data)

@@ -3,7 +3,8 @@
     TYPE_ID        the tensor type id in the .qrz (docs/FORMAT.md)
     QUANTIZED      False for float formats (group_size is then 0)
     nbytes(rows, cols, group)            bytes of a (rows, cols) tensor
-    quantize(w, group) -> np.uint8 array the exact bytes of the tensor (w: float32, 2-D)
+    quantize(w, group) -> np.uint8 array the exact bytes of the tensor (w: float32, 2-D); a format with
+                         CALIBRATED = True also takes calib= (a Calibration: the converter's --calib)
     dequantize(buf, rows, cols, group)   float32 (rows, cols): the numpy reference the kernels are tested against
 
 Adding a format is adding a module and a row in FORMATS.
@@ -28,6 +29,15 @@ def absmax_groups(w, group, qmax, lo, hi):
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(d[:, :, None] > 0, np.rint(g / d[:, :, None]), 0)
     return d16, np.clip(q, lo, hi).astype(np.int8).reshape(rows, cols)
+
+
+class Calibration:
+    """what the converter measured at one matrix's input on calibration text: gram = mean x x^T (cols, cols),
+    absmax = max |x| per column and samples = some input rows (n, cols), the last two only for formats that ask
+    for them (SAMPLE_ROWS)"""
+
+    def __init__(self, gram=None, absmax=None, samples=None):
+        self.gram, self.absmax, self.samples = gram, absmax, samples
 
 
 def scales_then_codes(d16, codes, total):

@@ -21,7 +21,7 @@ Layout (docs/FORMAT.md): a 64-byte header, the offset plane (cols bytes, padded 
 """
 import numpy as np
 
-from . import align64, nibbles
+from . import Calibration, align64, nibbles  # noqa: F401  (Calibration: what quantize takes)
 
 TYPE_ID = 5
 QUANTIZED = True
@@ -198,14 +198,6 @@ def search_acts(w_hat, absmax, samples):
                 if best is None or err < best[0]:
                     best = (err, e, mode, scale, shifts)
     return best[1:]
-
-
-class Calibration:
-    """what the converter measured at one matrix's input on calibration text: gram = mean x x^T (cols, cols),
-    absmax = max |x| per column, samples = some input rows (n, cols)"""
-
-    def __init__(self, gram=None, absmax=None, samples=None):
-        self.gram, self.absmax, self.samples = gram, absmax, samples
 
 
 # ---- bytes ----

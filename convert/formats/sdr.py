@@ -180,11 +180,14 @@ def pack(s, e, m, group):
     return out
 
 
-def quantize(w, group, search=True, col_weight=None, gram=None):
-    """the tensor's bytes; gram (cols, cols), the mean x x^T of the matrix's calibration inputs, selects the
-    error-feedback rounding (gptq_parts), col_weight (cols,) the weighted search, neither the plain search"""
+def quantize(w, group, search=True, col_weight=None, gram=None, calib=None):
+    """the tensor's bytes; gram (cols, cols), the mean x x^T of the matrix's calibration inputs (or calib, a
+    Calibration holding it), selects the error-feedback rounding (gptq_parts), col_weight (cols,) the weighted
+    search, neither the plain search"""
     rows, cols = w.shape
     nbytes(rows, cols, group)
+    if calib is not None:
+        gram = calib.gram
     if gram is not None:
         return pack(*gptq_parts(w, group, gram), group)
     return pack(*quantize_parts(w, group, search, col_weight), group)

@@ -251,3 +251,17 @@ def test_fp4_kernels_are_batch_invariant(isa, act_bits):
         for i0, i1 in [(0, 1), (1, 3), (3, 7), (7, 9)]:
             np.testing.assert_array_equal(_native.kernel_matmul(isa, TYPE, 64, wbytes, rows, cols, x[i0:i1],
                                                                 act_bits), whole[i0:i1])
+
+
+def test_fp4_search_never_writes_a_header_the_loader_refuses():
+    """calibration statistics with an infinite channel maximum (an overflowed activation) still give a tensor
+    whose header the C side accepts: the static scale candidates that are not finite are skipped"""
+    rng = np.random.default_rng(8)
+    rows, cols = 8, 64
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    x = rng.standard_normal((32, cols)).astype(np.float32)
+    absmax = np.abs(x).max(axis=0)
+    absmax[3] = np.inf
+    wbytes = fp4.quantize(w, 32, calib=fp4.Calibration(gram=x.T @ x / 32, absmax=absmax, samples=x))
+    assert np.isfinite(fp4.unpack(wbytes, rows, cols, 32)["scale"])
+    assert _native.kernel_matmul("scalar", TYPE, 32, wbytes, rows, cols, x, 4).shape == (32, rows)

@@ -127,7 +127,7 @@ def act_shifts(absmax, clip, e):
     power of two as far as it stays under the tensor's clipping level"""
     absmax = np.asarray(absmax, np.float64)
     level = float(clip) * absmax.max()
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):   # zero or infinite maxima: nan_to_num below
         k = np.floor(np.log2(level / absmax))
     return np.clip(np.nan_to_num(k, nan=0.0, posinf=99, neginf=0), 0, max_act_shift(e)).astype(np.uint8)
 
@@ -191,7 +191,7 @@ def search_acts(w_hat, absmax, samples):
                     scale = float(clip)
                 else:
                     scale = float(np.float32(clip * float(np.max(absmax)) / top))
-                    if not scale > 0:
+                    if not (scale > 0 and np.isfinite(scale)):   # the loader refuses any other static scale
                         continue
                 y = dequantize_acts(x, e, mode, scale, shifts) @ w_hat.T
                 err = float(((y - ref).astype(np.float64) ** 2).sum())

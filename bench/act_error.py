@@ -70,7 +70,7 @@ def main(argv=None):
 
         def err(xq):
             return float(((xq @ w.T - y) ** 2).sum() / (y ** 2).sum())
-        forms = [fp4.dequantize_acts(held, q["e_a"], q["mode"], q["scale"], q["shifts"]), int4_groups(held),
+        forms = [fp4.dequantize_acts(held, q["e_a"], q["mode"], q["scale"], q["shifts"], t["group_size"]), int4_groups(held),
                  e2m1_groups(held), e2m1_groups(held, pow2=True)]
         print(f"| {name} | " + " | ".join(f"{err(x):.4f}" for x in forms) + " |", flush=True)
 

@@ -46,7 +46,14 @@ def _plain_progress(items, desc):
             print(f"{desc}: {i}/{len(items)} tensors", file=sys.stderr, flush=True)
 
 
-def _matrix_format(fmt_module, name, rows, cols, group):
+def _sparse_args(module, group, sparse):
+    """(nbytes extra args, quantize keyword args) of a format with a sparse fraction (sq); empty for the others"""
+    if not hasattr(module, "DEFAULT_SPARSE"):
+        return (), {}
+    return (module.slots_for(group, sparse),), {"sparse": sparse}
+
+
+def _matrix_format(fmt_module, name, rows, cols, group, sparse=None):
     """The format a matrix is stored in: the requested one, except that the 4-bit formats keep the embedding and
     the output head, and any matrix whose shape they cannot hold, in FOUR_BIT_FALLBACK (docs/FORMAT.md)."""
     if not getattr(fmt_module, "ACTS_4BIT", False):
@@ -56,7 +63,7 @@ def _matrix_format(fmt_module, name, rows, cols, group):
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return fallback, fallback_group
     try:
-        fmt_module.nbytes(rows, cols, group)
+        fmt_module.nbytes(rows, cols, group, *_sparse_args(fmt_module, group, sparse)[0])
     except ValueError:
         return fallback, fallback_group
     return fmt_module, group
@@ -92,11 +99,13 @@ def _calibrate(hf_dir, out_path, calib, calib_tokens, progress, samples=0):
         os.unlink(tmp)
 
 
-def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=None, calib_tokens=16384):
+def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=None, calib_tokens=16384,
+            sparse=None):
     """Convert a Hugging Face model directory, or a GGUF file, into a .qrz. Returns the output path.
     group_size None: the format's default (docs/QUANTIZATION.md says how each was chosen). calib: a UTF-8 text
     file; formats that can use it (sdr, fp4) then round each matrix against the inputs it meets on that text, so the
-    error of its output, not of its weights, is kept small (never give the evaluation text)."""
+    error of its output, not of its weights, is kept small (never give the evaluation text). sparse: sq's
+    high-precision fraction (default sq.DEFAULT_SPARSE); an error for the other formats."""
     hf_dir, out_path = os.fspath(hf_dir), os.fspath(out_path)
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
@@ -104,6 +113,12 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         raise ConvertError(f"cannot write into '{out_dir}': it does not exist or is not writable")
     fmt_module = FORMATS[fmt]
+    if sparse is not None and not hasattr(fmt_module, "DEFAULT_SPARSE"):
+        raise ConvertError(f"--sparse is a parameter of --format sq, not of {fmt}")
+    if hasattr(fmt_module, "DEFAULT_SPARSE"):
+        sparse = fmt_module.DEFAULT_SPARSE if sparse is None else sparse
+        if not (isinstance(sparse, (int, float)) and 0 <= sparse < 0.5):
+            raise ConvertError(f"--sparse must be a fraction in [0, 0.5), got {sparse!r}")
     if group_size is None:
         group_size = getattr(fmt_module, "DEFAULT_GROUP", 0)
     if fmt_module.QUANTIZED and (not isinstance(group_size, int) or group_size <= 0):
@@ -140,6 +155,8 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
                 "general.source": os.path.basename(os.path.abspath(hf_dir)),
                 "quant.format": fmt,
                 "quant.group_size": group_size if fmt_module.QUANTIZED else 0}
+        if sparse is not None:
+            meta["quant.sparse"] = float(sparse)
         if calibration:
             meta["quant.calibration"] = f"{os.path.basename(calib)}, {calib_tokens} tokens"
         n_vocab = source.shape("model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in source.where \
@@ -161,8 +178,9 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
                 if fmt_module.QUANTIZED and cols % group_size:
                     raise ConvertError(f"group size {group_size} does not divide in_features {cols} of tensor "
                                        f"'{name}'; choose a group size dividing it")
-                module, group = _matrix_format(fmt_module, name, rows, cols, group_size)
-                specs.append(TensorSpec(name, module.TYPE_ID, shape, group, module.nbytes(rows, cols, group)))
+                module, group = _matrix_format(fmt_module, name, rows, cols, group_size, sparse)
+                extra = _sparse_args(module, group, sparse)[0]
+                specs.append(TensorSpec(name, module.TYPE_ID, shape, group, module.nbytes(rows, cols, group, *extra)))
                 plans.append((name, module, group))
             elif len(shape) == 1:
                 specs.append(TensorSpec(name, f32_format.TYPE_ID, shape, 0, shape[0] * 4))
@@ -177,9 +195,10 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
                     if module is None:
                         data = f32_format.quantize(w)
                     elif name in calibration and getattr(module, "CALIBRATED", False):
-                        data = module.quantize(w, group, calib=calibration.pop(name))
+                        data = module.quantize(w, group, calib=calibration.pop(name),
+                                               **_sparse_args(module, group, sparse)[1])
                     else:
-                        data = module.quantize(w, group)
+                        data = module.quantize(w, group, **_sparse_args(module, group, sparse)[1])
                     writer.write_tensor(name, data)
                     del w, data
         except OSError as exc:

@@ -1,4 +1,4 @@
-"""python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8|sdr|int4|fp4 [--group-size N]"""
+"""python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8|sdr|int4|fp4|sq [--group-size N] [--sparse S]"""
 import argparse
 import sys
 
@@ -13,17 +13,20 @@ def main(argv=None):
     parser.add_argument("--format", default="f16", choices=sorted(FORMATS), help="tensor format (default: f16)")
     parser.add_argument("--group-size", type=int, default=None,
                         help="weights per quantization group along the input dimension (default: the format's, "
-                             "16 for sdr, 64 for fp4, 32 for q8 and int4)")
+                             "16 for sdr, 64 for fp4 and sq, 32 for q8 and int4)")
     parser.add_argument("--calib", metavar="TEXT_FILE",
                         help="UTF-8 calibration text; sdr then rounds each matrix against the inputs it meets on this "
                              "text (error feedback, as GPTQ), fp4 searches its weight and activation layouts, scales "
                              "and channel offsets against them. Never the text you evaluate on")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default: 16384)")
+    parser.add_argument("--sparse", type=float, default=None,
+                        help="sq: the fraction of each group's weights kept as int8 (and, with --calib, of the input "
+                             "channels whose activations stay 8-bit); default 1/32")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         path = convert(args.model_dir, args.out, fmt=args.format, group_size=args.group_size, calib=args.calib,
-                       calib_tokens=args.calib_tokens,
+                       calib_tokens=args.calib_tokens, sparse=args.sparse,
                        progress=not args.quiet and sys.stderr.isatty())
     except ConvertError as exc:
         print(f"error: {exc}", file=sys.stderr)

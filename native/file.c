@@ -198,7 +198,8 @@ truncated:
     return QRZ_ERR_FORMAT;
 }
 
-static int parse_tensor(reader *r, qrz_tensor_view *t, uint64_t data_offset, uint64_t file_size, char *err, size_t cap) {
+static int parse_tensor(reader *r, qrz_tensor_view *t, const uint8_t *base, uint64_t data_offset, uint64_t file_size,
+                        char *err, size_t cap) {
     memset(t, 0, sizeof *t);
     t->name_len = rd_u64(r);
     t->name = (const char *)take(r, t->name_len);
@@ -230,15 +231,17 @@ static int parse_tensor(reader *r, qrz_tensor_view *t, uint64_t data_offset, uin
         rows *= (int64_t)t->shape[i];
     }
     if (t->shape[t->n_dims - 1] > (1ull << 40) || rows > (1ll << 40)) goto bad_shape;
-    uint64_t want = qrz_tensor_nbytes((int)t->type, rows, cols, (int32_t)t->group_size);
-    if (want == 0 || want != t->nbytes) {
-        qrz_set_error(err, cap, "tensor '%.*s': %llu bytes recorded, %llu expected for its type and shape",
-                      (int)t->name_len, t->name, (unsigned long long)t->nbytes, (unsigned long long)want);
-        return QRZ_ERR_FORMAT;
-    }
     if (rel > file_size || t->nbytes > file_size - data_offset || rel > file_size - data_offset - t->nbytes) {
         qrz_set_error(err, cap, "tensor '%.*s' lies past the end of the file: the file is truncated; "
                       "convert the model again", (int)t->name_len, t->name);
+        return QRZ_ERR_FORMAT;
+    }
+    /* a type whose size its own header sets (SQ) is read there, once the header is known to lie in the file */
+    const uint8_t *head = t->nbytes >= 64 ? base + data_offset + rel : NULL;
+    uint64_t want = qrz_tensor_nbytes_of((int)t->type, rows, cols, (int32_t)t->group_size, head);
+    if (want == 0 || want != t->nbytes) {
+        qrz_set_error(err, cap, "tensor '%.*s': %llu bytes recorded, %llu expected for its type and shape",
+                      (int)t->name_len, t->name, (unsigned long long)t->nbytes, (unsigned long long)want);
         return QRZ_ERR_FORMAT;
     }
     t->offset = data_offset + rel;
@@ -370,7 +373,7 @@ int qrz_model_open(const char *path, int verify, qrz_model **out, char *err, siz
     for (int64_t i = 0; i < m->n_kv; i++)
         if ((rc = parse_kv(&r, &m->kvs[i], err, cap)) != QRZ_OK) goto fail;
     for (int64_t i = 0; i < m->n_tensors; i++)
-        if ((rc = parse_tensor(&r, &m->tensors[i], data_offset, size, err, cap)) != QRZ_OK) goto fail;
+        if ((rc = parse_tensor(&r, &m->tensors[i], m->base, data_offset, size, err, cap)) != QRZ_OK) goto fail;
     if ((rc = index_tokenizer(m, err, cap)) != QRZ_OK) goto fail;
     if (verify) {
         for (int64_t i = 0; i < m->n_tensors; i++) {

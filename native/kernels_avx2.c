@@ -476,9 +476,9 @@ QRZ_AVX2_INLINE void int4_run16(const uint8_t *m, const int8_t *x, int64_t K, co
         acc[t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(widen16(s16[t])), acc[t]);
     }
 }
-QRZ_AVX2_INLINE void int4_group(const uint8_t *m, const int8_t *x, int64_t K, int32_t rpg, const int RPG,
-                                const float *sc, const int NT, __m256 *acc) {
-    __m256i s32[4];
+/* int32 lanes summing to one group's sum of codes times activations, NT activation rows */
+QRZ_AVX2_INLINE void int4_group_sums(const uint8_t *m, const int8_t *x, int64_t K, int32_t rpg, const int RPG,
+                                     const int NT, __m256i *s32) {
     if (RPG > 0) {
         __m256i s16[4];
         nib_runs16(m, x, K, RPG, NT, s16);
@@ -491,6 +491,12 @@ QRZ_AVX2_INLINE void int4_group(const uint8_t *m, const int8_t *x, int64_t K, in
             for (int t = 0; t < NT; t++) s32[t] = _mm256_add_epi32(s32[t], widen16(s16[t]));
         }
     }
+}
+
+QRZ_AVX2_INLINE void int4_group(const uint8_t *m, const int8_t *x, int64_t K, int32_t rpg, const int RPG,
+                                const float *sc, const int NT, __m256 *acc) {
+    __m256i s32[4];
+    int4_group_sums(m, x, K, rpg, RPG, NT, s32);
     for (int t = 0; t < NT; t++) acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + 8 * t), _mm256_cvtepi32_ps(s32[t]), acc[t]);
 }
 
@@ -558,9 +564,51 @@ QRZ_AVX2 static void int4_matmul_avx2(const qrz_weight *w, const qrz_acts *x, in
     NIB_DISPATCH(int4_rows, w, x, r0, r1, y, ldy)
 }
 
-/* ---- FP4 x I8_ROW or FP4 lanes: the codes through the layout's 16-entry table (one pshufb) into int8 lanes, the
- * INT4 sign trick into maddubs, exact int32 group sums; eight groups' sums are reduced into one vector and the
- * float multiply-adds then run in the scalar kernel's order, so the result is the scalar one bit for bit ---- */
+/* ---- SQ x Q8_GROUP or SQ4_GROUP: the INT4 group sums, plus the group's k int8 slots (v * x[pos], scalar: k is
+ * a few per group) added into the same int32 sum before its one float multiply-add. Groups are multiples of 32. */
+QRZ_AVX2_INLINE void sq_rows(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
+                             float *y, int64_t ldy, const int NT, const int RPG) {
+    const qrz_sq_view v = qrz_sq_split(w->data, w->rows, w->cols, w->group);
+    const int32_t G = w->group, rpg = RPG > 0 ? RPG : G / 32, k = v.k;
+    const int64_t K = w->cols, ng = K / G;
+    const int8_t *xq = x->q + i * K;
+    const float *xd = x->d + i * ng;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *wd = v.d + r * ng;
+        const uint8_t *mant = v.codes + r * (K / 2), *slots = v.slots + (uint64_t)r * ng * k * 2;
+        __m256 acc[4];
+        for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+        for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+            const int64_t gn = ng - g0 < 8 ? ng - g0 : 8;
+            float sc[4 * 8];
+            int4_scales8(wd, xd, ng, g0, gn, NT, sc);
+            for (int64_t j = 0; j < gn; j++) {
+                const int64_t g = g0 + j;
+                const int8_t *xg = xq + g * G;
+                const uint8_t *sl = slots + g * k * 2;
+                __m256i s32[4];
+                int4_group_sums(mant + g * 16 * rpg, xg, K, rpg, RPG > 0 ? RPG : 0, NT, s32);
+                for (int t = 0; t < NT; t++) {
+                    int32_t extra = 0;
+                    for (int32_t s = 0; s < k; s++) extra += (int8_t)sl[2 * s + 1] * xg[t * K + sl[2 * s]];
+                    s32[t] = _mm256_add_epi32(s32[t], _mm256_setr_epi32(extra, 0, 0, 0, 0, 0, 0, 0));
+                    acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + 8 * t + j), _mm256_cvtepi32_ps(s32[t]), acc[t]);
+                }
+            }
+        }
+        for (int t = 0; t < NT; t++) y[(i + t) * ldy + r] = hsum8(acc[t]);
+    }
+}
+
+QRZ_AVX2 static void sq_matmul_avx2(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,
+                                    int64_t ldy) {
+    NIB_DISPATCH(sq_rows, w, x, r0, r1, y, ldy)
+}
+
+/* ---- FP4 x Q8_GROUP or FP4 lanes (row or group scales): the codes through the layout's 16-entry table (one pshufb)
+ * into int8 lanes, the INT4 sign trick into maddubs, exact int32 group sums; eight groups' sums are reduced into
+ * one vector and the float multiply-adds then run in the scalar kernel's order, so the result is the scalar one
+ * bit for bit ---- */
 QRZ_AVX2_INLINE __m256i fp4_run(const uint8_t *p, __m256i lut) {
     const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
     const __m256i v = _mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
@@ -598,6 +646,7 @@ QRZ_AVX2_INLINE void fp4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i,
     const int32_t G = w->group, rpg = RPG > 0 ? RPG : G / 32, burst = v.e_w == 3 ? 2 : 8;
     const int64_t K = w->cols, ng = K / G;
     const int8_t *xq = x->q + i * K;
+    const bool grouped = qrz_acts_grouped(x->kind);
     for (int64_t r = r0; r < r1; r++) {
         const uint16_t *wd = v.d + r * ng;
         const uint8_t *codes = v.codes + r * (K / 2);
@@ -615,10 +664,11 @@ QRZ_AVX2_INLINE void fp4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i,
             for (int t = 0; t < NT; t++) {
                 float s[8];
                 _mm256_storeu_ps(s, _mm256_cvtepi32_ps(hsum8x8_i32(sums[t])));
-                for (int64_t j = 0; j < gn; j++) acc[t] += ds[j] * s[j];
+                const float *xd = x->d + (i + t) * ng + g0;
+                for (int64_t j = 0; j < gn; j++) acc[t] += ds[j] * (grouped ? xd[j] : 1.0f) * s[j];
             }
         }
-        for (int t = 0; t < NT; t++) y[(i + t) * ldy + r] = acc[t] * x->d[i + t];
+        for (int t = 0; t < NT; t++) y[(i + t) * ldy + r] = acc[t] * (grouped ? 1.0f : x->d[i + t]);
     }
 }
 
@@ -661,6 +711,8 @@ void qrz_register_avx2(void) {
     qrz_types[QRZ_TYPE_INT4].matmul[1][QRZ_ISA_AVX2] = int4_matmul_avx2;
     qrz_types[QRZ_TYPE_FP4].matmul[0][QRZ_ISA_AVX2] = fp4_matmul_avx2;
     qrz_types[QRZ_TYPE_FP4].matmul[1][QRZ_ISA_AVX2] = fp4_matmul_avx2;
+    qrz_types[QRZ_TYPE_SQ].matmul[0][QRZ_ISA_AVX2] = sq_matmul_avx2;
+    qrz_types[QRZ_TYPE_SQ].matmul[1][QRZ_ISA_AVX2] = sq_matmul_avx2;
 }
 #else
 void qrz_register_avx2(void) {}

@@ -11,7 +11,7 @@
  *
  * The integer kernels compute exactly the scalar reference's (native/types.c) integer totals and then the same
  * float expression in the same order, lane by lane: SDR results are bit-identical to the scalar kernels, and so
- * are Q8/INT4/FP4 as long as the build does not contract multiply-adds (ISO C mode, as pyqrt/_build.py compiles).
+ * are Q8/INT4/FP4/SQ as long as the build does not contract multiply-adds (ISO C mode, as pyqrt/_build.py compiles).
  */
 #include "qrz_internal.h"
 #if defined(__aarch64__) && defined(__ARM_NEON)
@@ -81,8 +81,8 @@ QRZ_INLINE int32x4_t lane_totals(const int32x4_t *acc, int L) {
     return vsetq_lane_s32(vaddvq_s32(acc[0]), vdupq_n_s32(0), 0);
 }
 
-/* ---- the 4-bit plane (SDR, INT4, FP4): each run of 32 values in 16 bytes, value j in the low nibble of byte j
- * and value j + 16 in its high nibble; SDR and INT4 store mantissas m as m + 8, FP4 stores codes 0..15 that its
+/* ---- the 4-bit plane (SDR, INT4, FP4, SQ): each run of 32 values in 16 bytes, value j in the low nibble of byte j
+ * and value j + 16 in its high nibble; SDR, INT4 and SQ store mantissas m as m + 8, FP4 stores codes 0..15 that its
  * layout's 16-entry table turns into int8 values (TBL: one instruction for 16 lookups) ---- */
 QRZ_INLINE int8x16_t nib_lo(uint8x16_t b) {
     return vsubq_s8(vreinterpretq_s8_u8(vandq_u8(b, vdupq_n_u8(15))), vdupq_n_s8(8));
@@ -231,35 +231,65 @@ QRZ_INLINE void q8_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot) {
     store_f32(facc, NW, NX, r, i, y, ldy);
 }
 
-/* INT4 weights x Q8_GROUP or Q4_GROUP activations (both int8 codes): as Q8, with the nibble plane */
-QRZ_INLINE void int4_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot) {
+/* INT4 and SQ weights x Q8_GROUP, Q4_GROUP or SQ4_GROUP activations (int8 lanes within +-127, one scale per
+ * group): the nibble sums (as Q8, with the nibble plane), plus for SQ each group's k slots (v * x[pos], scalar: k
+ * is a few per group; a weight row's slots are read once for the tile's activation rows) added into the lane's
+ * int32 total before its one float multiply-add, so every lane is the scalar kernel's integer sum and float
+ * expression. |q| <= 8 and |v| <= 127 against |x| <= 127 over at most 256 + 256 terms keep the total within int32
+ * (and within float's exact integers). INT4 is the case k = 0. */
+QRZ_INLINE void nib4_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot, const uint8_t *codes, const uint16_t *scales,
+                          const uint8_t *slots, int32_t k) {
     const int32_t G = w->group;
     const int64_t K = w->cols, ng = K / G;
-    const uint16_t *scales = (const uint16_t *)w->data;
-    const uint8_t *mant = (const uint8_t *)w->data + align64((uint64_t)w->rows * ng * 2);
-    const uint8_t *wm[4];
+    const uint8_t *wm[4], *ws[4];
     const int8_t *xq[4];
     const uint16_t *wd[4];
     const float *xd[4];
-    for (int a = 0; a < NW; a++) { wm[a] = mant + (r + a) * (K / 2); wd[a] = scales + (r + a) * ng; }
+    for (int a = 0; a < NW; a++) {
+        wm[a] = codes + (r + a) * (K / 2);
+        wd[a] = scales + (r + a) * ng;
+        ws[a] = slots ? slots + (uint64_t)(r + a) * ng * k * 2 : NULL;
+    }
     for (int b = 0; b < NX; b++) { xq[b] = x->q + (i + b) * K; xd[b] = x->d + (i + b) * ng; }
     float32x4_t facc = vdupq_n_f32(0.0f);
     for (int64_t g = 0; g < ng; g++) {
         int32x4_t acc[4];
         for (int l = 0; l < 4; l++) acc[l] = vdupq_n_s32(0);
         nib_dot(wm, xq, NW, NX, g * G, g * G + G, NULL, dot, acc);
+        int32_t slot_sums[4] = {0, 0, 0, 0};
+        for (int a = 0; a < NW && k; a++) {
+            const uint8_t *sl = ws[a] + (uint64_t)g * k * 2;
+            for (int32_t s = 0; s < k; s++) {
+                const int64_t c = g * G + sl[2 * s];
+                const int32_t val = (int8_t)sl[2 * s + 1];
+                for (int b = 0; b < NX; b++) slot_sums[a * NX + b] += val * xq[b][c];
+            }
+        }
+        const int32x4_t sums = vaddq_s32(lane_totals(acc, NW * NX), vld1q_s32(slot_sums));
         float sc[4] = {0, 0, 0, 0};
         for (int a = 0; a < NW; a++)
             for (int b = 0; b < NX; b++) sc[a * NX + b] = h2f(wd[a][g]) * xd[b][g];
-        facc = vaddq_f32(facc, vmulq_f32(vld1q_f32(sc), vcvtq_f32_s32(lane_totals(acc, NW * NX))));
+        facc = vaddq_f32(facc, vmulq_f32(vld1q_f32(sc), vcvtq_f32_s32(sums)));
     }
     store_f32(facc, NW, NX, r, i, y, ldy);
 }
 
-/* FP4 weights x I8_ROW or FP4 activations (int8 lanes within +-127 and one scale per row, either way): the codes
- * through the layout's table (values within +-64, so a dot16_mull int16 pair stays within 2 * 64 * 127), an int32
- * sum per group, then per lane acc += d_w * sum in group order and one multiply by the row's activation scale,
- * as the scalar kernel */
+QRZ_INLINE void int4_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot) {
+    const uint16_t *scales = (const uint16_t *)w->data;
+    const uint8_t *mant = (const uint8_t *)w->data + align64((uint64_t)w->rows * (w->cols / w->group) * 2);
+    nib4_tile(w, x, r, i, y, ldy, NW, NX, dot, mant, scales, NULL, 0);
+}
+
+QRZ_INLINE void sq_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot) {
+    const qrz_sq_view v = qrz_sq_split(w->data, w->rows, w->cols, w->group);
+    nib4_tile(w, x, r, i, y, ldy, NW, NX, dot, v.codes, v.d, v.slots, v.k);
+}
+
+/* FP4 weights x Q8_GROUP or FP4 activations (int8 lanes within +-127; one scale per group, or per row for FP4 in
+ * a row or static mode): the codes through the layout's table (values within +-64, so a dot16_mull int16 pair
+ * stays within 2 * 64 * 127), an int32 sum per group, then per lane acc += (d_w * d_x,g) * sum in group order
+ * (d_x,g = 1 for row scales) and one multiply by the row's activation scale (1 for group scales), as the scalar
+ * kernel */
 QRZ_INLINE void fp4_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot) {
     const qrz_fp4_view v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
     const int8x16_t table = vld1q_s8(qrz_fp4_lut[v.e_w]);
@@ -270,6 +300,7 @@ QRZ_INLINE void fp4_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot) {
     const uint16_t *wd[4];
     for (int a = 0; a < NW; a++) { wc[a] = v.codes + (r + a) * (K / 2); wd[a] = v.d + (r + a) * ng; }
     for (int b = 0; b < NX; b++) xq[b] = x->q + (i + b) * K;
+    const bool grouped = qrz_acts_grouped(x->kind);
     float32x4_t facc = vdupq_n_f32(0.0f);
     for (int64_t g = 0; g < ng; g++) {
         int32x4_t acc[4];
@@ -277,12 +308,12 @@ QRZ_INLINE void fp4_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot) {
         nib_dot(wc, xq, NW, NX, g * G, g * G + G, &table, dot, acc);
         float sc[4] = {0, 0, 0, 0};
         for (int a = 0; a < NW; a++)
-            for (int b = 0; b < NX; b++) sc[a * NX + b] = h2f(wd[a][g]);
+            for (int b = 0; b < NX; b++) sc[a * NX + b] = h2f(wd[a][g]) * (grouped ? x->d[(i + b) * ng + g] : 1.0f);
         facc = vaddq_f32(facc, vmulq_f32(vld1q_f32(sc), vcvtq_f32_s32(lane_totals(acc, NW * NX))));
     }
     float xd[4] = {0, 0, 0, 0};
     for (int a = 0; a < NW; a++)
-        for (int b = 0; b < NX; b++) xd[a * NX + b] = x->d[i + b];
+        for (int b = 0; b < NX; b++) xd[a * NX + b] = grouped ? 1.0f : x->d[i + b];
     store_f32(vmulq_f32(facc, vld1q_f32(xd)), NW, NX, r, i, y, ldy);
 }
 
@@ -380,12 +411,14 @@ DEFINE_KERNEL(int4_matmul_neon, QRZ_PLAIN, int4_tile, dot16_mull)
 DEFINE_KERNEL(sdr_i8_matmul_neon, QRZ_PLAIN, sdr_tile, dot16_mull, 0)
 DEFINE_KERNEL(sdr_sdr4_matmul_neon, QRZ_PLAIN, sdr_tile, dot16_mull, 1)
 DEFINE_KERNEL(fp4_matmul_neon, QRZ_PLAIN, fp4_tile, dot16_mull)
+DEFINE_KERNEL(sq_matmul_neon, QRZ_PLAIN, sq_tile, dot16_mull)
 #if QRZ_NEON_DOTPROD
 DEFINE_KERNEL(q8_matmul_sdot, QRZ_DOTPROD_TARGET, q8_tile, dot16_sdot)
 DEFINE_KERNEL(int4_matmul_sdot, QRZ_DOTPROD_TARGET, int4_tile, dot16_sdot)
 DEFINE_KERNEL(sdr_i8_matmul_sdot, QRZ_DOTPROD_TARGET, sdr_tile, dot16_sdot, 0)
 DEFINE_KERNEL(sdr_sdr4_matmul_sdot, QRZ_DOTPROD_TARGET, sdr_tile, dot16_sdot, 1)
 DEFINE_KERNEL(fp4_matmul_sdot, QRZ_DOTPROD_TARGET, fp4_tile, dot16_sdot)
+DEFINE_KERNEL(sq_matmul_sdot, QRZ_DOTPROD_TARGET, sq_tile, dot16_sdot)
 #endif
 
 /* ---- attention vectors ---- */
@@ -431,6 +464,8 @@ void qrz_register_neon(void) {
     t[QRZ_TYPE_INT4].matmul[1][QRZ_ISA_NEON] = int4_matmul_neon;
     t[QRZ_TYPE_FP4].matmul[0][QRZ_ISA_NEON] = fp4_matmul_neon;
     t[QRZ_TYPE_FP4].matmul[1][QRZ_ISA_NEON] = fp4_matmul_neon;
+    t[QRZ_TYPE_SQ].matmul[0][QRZ_ISA_NEON] = sq_matmul_neon;
+    t[QRZ_TYPE_SQ].matmul[1][QRZ_ISA_NEON] = sq_matmul_neon;
     g_dotprod = 0;
 #if QRZ_NEON_DOTPROD
     if (neon_has_dotprod()) {
@@ -442,6 +477,8 @@ void qrz_register_neon(void) {
         t[QRZ_TYPE_INT4].matmul[1][QRZ_ISA_NEON] = int4_matmul_sdot;
         t[QRZ_TYPE_FP4].matmul[0][QRZ_ISA_NEON] = fp4_matmul_sdot;
         t[QRZ_TYPE_FP4].matmul[1][QRZ_ISA_NEON] = fp4_matmul_sdot;
+        t[QRZ_TYPE_SQ].matmul[0][QRZ_ISA_NEON] = sq_matmul_sdot;
+        t[QRZ_TYPE_SQ].matmul[1][QRZ_ISA_NEON] = sq_matmul_sdot;
     }
 #endif
 }

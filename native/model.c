@@ -374,7 +374,7 @@ static void matmul_task(void *arg, int ith, int nth) {
 static void matmul(qrz_context *c, const qrz_weight *w, const float *x, int64_t n, float *y) {
     if (c->matmul_hook) c->matmul_hook(c->matmul_hook_user, w->tensor, x, n, w->cols);
     const int path = qrz_act_path(w->type, c->act_bits);
-    matmul_job job = {w, {n, w->cols, x, qrz_types[w->type].acts[path], c->act_q, c->act_d, c->act_e, w->group, w->data},
+    matmul_job job = {w, {n, w->cols, x, qrz_acts_kind_for(w, path), c->act_q, c->act_d, c->act_e, w->group, w->data},
                       y, w->rows, qrz_matmul_for(w->type, path, c->isa)};
     qrz_quantize_acts(&job.acts);
     qrz_pool_run(c->pool, matmul_task, &job);

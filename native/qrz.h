@@ -36,7 +36,7 @@ typedef enum {
 } qrz_kv_type;
 
 typedef enum {
-    QRZ_TYPE_F32 = 0, QRZ_TYPE_F16 = 1, QRZ_TYPE_Q8 = 2, QRZ_TYPE_SDR = 3, QRZ_TYPE_INT4 = 4, QRZ_TYPE_FP4 = 5, QRZ_TYPE_COUNT = 6
+    QRZ_TYPE_F32 = 0, QRZ_TYPE_F16 = 1, QRZ_TYPE_Q8 = 2, QRZ_TYPE_SDR = 3, QRZ_TYPE_INT4 = 4, QRZ_TYPE_FP4 = 5, QRZ_TYPE_SQ = 6, QRZ_TYPE_COUNT = 7
 } qrz_tensor_type;
 
 /* how a context stores its KV cache: float32, float16, int8 per group of 32 (absmax), or QRazor SDR 4-bit */
@@ -170,8 +170,11 @@ int64_t qrz_detokenize(const qrz_model *model, const int32_t *tokens, int32_t n,
                        char *out, int64_t cap);
 
 /* ---- kernels, exposed so tests can check every ISA against numpy ---- */
-/* bytes a (rows, cols) tensor of this type takes; 0 if the shape or group size is invalid for the type */
+/* bytes a (rows, cols) tensor of this type takes; 0 if the shape or group size is invalid for the type, or if
+ * the size depends on the tensor's own header (SQ: its slot count) */
 uint64_t qrz_tensor_nbytes(int type, int64_t rows, int64_t cols, int32_t group_size);
+/* the same for a tensor whose first 64 bytes are at head (types with a header read it; the others ignore it) */
+uint64_t qrz_tensor_nbytes_of(int type, int64_t rows, int64_t cols, int32_t group_size, const void *head);
 /* y[n x rows] = x[n x cols] · W^T, W given as the raw bytes of a tensor of this type; act_bits 8 or 4 chooses
  * how x is quantized for integer kernels (ignored by float types) */
 int qrz_kernel_matmul(int isa, int type, int32_t group_size, int32_t act_bits, const void *w, int64_t rows,

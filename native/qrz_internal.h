@@ -68,6 +68,10 @@ typedef enum {
     QRZ_ACTS_SDR4_ROW,    /* QRazor SDR from an int16 base per row: d[n] = absmax/32767, e[n][ng] in 0..12, q in -8..7 */
     QRZ_ACTS_FP4,         /* LLM-FP4 codes with the weight tensor's per-channel offsets k_c, as int8 lanes
                              lut[code] << (K - k_c); d[n] the row's scale / 2^K (docs/QUANTIZATION.md) */
+    QRZ_ACTS_FP4_GROUP,   /* the same lanes with a dynamic scale per group of the weight's group size (FP4 header
+                             mode 2): d[n][cols/group] */
+    QRZ_ACTS_SQ4_GROUP,   /* SQ: per group d = max(max|cold| / 7, max|hot| / 127), q = round(x / d) in -8..7 on
+                             cold channels, -127..127 on the weight tensor's hot ones: d[n][cols/group] */
     QRZ_ACTS_COUNT
 } qrz_acts_kind;
 
@@ -83,6 +87,14 @@ typedef struct {
     const uint8_t *params;        /* the weight tensor's bytes, for kinds whose parameters it holds (FP4) */
 } qrz_acts;
 
+/* the activation kind a weight takes on path 0 (8-bit) or 1 (4-bit): the type table's, refined by the tensor's
+ * own header where the type has one (an FP4 tensor in mode 2 takes per-group scales) */
+int qrz_acts_kind_for(const qrz_weight *w, int path);
+/* whether a kind has a scale per group of `group` columns (else one per row) */
+static inline bool qrz_acts_grouped(int kind) {
+    return kind == QRZ_ACTS_Q8_GROUP || kind == QRZ_ACTS_Q4_GROUP || kind == QRZ_ACTS_FP4_GROUP ||
+           kind == QRZ_ACTS_SQ4_GROUP;
+}
 /* the same activations, rows [i0, i0 + n) */
 qrz_acts qrz_acts_rows(const qrz_acts *a, int64_t i0, int64_t n);
 /* scales per activation row: 1 for row kinds, cols/group for group kinds */
@@ -105,6 +117,8 @@ typedef struct {
     /* NULL, or checks at load that stored codes lie in the range the kernels' integer bounds assume:
      * returns NULL if they do, else what is wrong */
     const char *(*check)(const qrz_weight *w);
+    /* NULL, or the size of a tensor that its own 64-byte header sets (nbytes then returns 0) */
+    uint64_t (*nbytes_head)(const uint8_t *head, int64_t rows, int64_t cols, int32_t group);
 } qrz_type_traits;
 
 extern qrz_type_traits qrz_types[QRZ_TYPE_COUNT];
@@ -112,16 +126,30 @@ extern qrz_type_traits qrz_types[QRZ_TYPE_COUNT];
 /* FP4 (docs/FORMAT.md): a tensor starts with a 64-byte header; e is a layout's exponent bits (1 E1M2, 2 E2M1,
  * 3 E3M0) */
 #define QRZ_FP4_HEADER 64
+/* activation scale modes (header byte 2): one calibrated unit for every row (LLM-FP4's), one per row from its
+ * maximum, one per group of the weight's group size from the group's maximum */
+enum { QRZ_FP4_STATIC = 0, QRZ_FP4_ROW = 1, QRZ_FP4_GROUP = 2 };
 extern const int8_t qrz_fp4_lut[4][16];   /* [e][code]: codes 0..7 the layout's integer magnitudes, 8 + i minus them */
 int qrz_fp4_max_shift(int e);             /* K: the largest activation channel offset of layout e */
 typedef struct {
-    int e_w, e_a, mode;           /* weight and activation layouts; activation scale 0 static, 1 dynamic */
+    int e_w, e_a, mode;           /* weight and activation layouts; activation scale: QRZ_FP4_STATIC, _ROW, _GROUP */
     float scale;                  /* static: the code unit; dynamic: the clipping ratio */
     const uint8_t *shifts;        /* [cols] activation channel offsets k_c */
     const uint16_t *d;            /* [rows][cols/group] f16 weight scales */
     const uint8_t *codes;         /* [rows][cols/2] nibble plane of codes */
 } qrz_fp4_view;
 qrz_fp4_view qrz_fp4_split(const uint8_t *data, int64_t rows, int64_t cols, int32_t group);
+/* SQ (docs/FORMAT.md): a 64-byte header (u16 k slots per group, u16 0, u32 hot channels), the hot plane, the f16
+ * scale plane, the slot plane of (u8 position, i8 value) pairs, the nibble plane; w = d * (q + slot values) */
+#define QRZ_SQ_HEADER 64
+typedef struct {
+    int32_t k;                    /* slots per group */
+    const uint8_t *hot;           /* [cols] 1 = the activation channel stays 8-bit under act="4bit" */
+    const uint16_t *d;            /* [rows][cols/group] f16 scales */
+    const uint8_t *slots;         /* [rows][cols/group][k][2] position in the group, int8 value */
+    const uint8_t *codes;         /* [rows][cols/2] nibble plane */
+} qrz_sq_view;
+qrz_sq_view qrz_sq_split(const uint8_t *data, int64_t rows, int64_t cols, int32_t group);
 void qrz_types_init(void);        /* fills the SIMD columns of qrz_types for this build */
 /* the activation path (0 or 1) a weight type uses when the context asks for act_bits */
 int qrz_act_path(int type, int act_bits);

@@ -211,25 +211,43 @@ static void int4_dequant_row(const qrz_weight *w, int64_t r, float *out) {
     for (int64_t c = 0; c < w->cols; c++) out[c] = qrz_f16_to_f32(d[c / w->group]) * (float)nibble_at(mant, c);
 }
 
-/* activations int8 or int4 per group (Q8_GROUP / Q4_GROUP): int32 per group, one float multiply-add per group */
-static void int4_matmul_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+/* INT4 and SQ: codes (nibble plane), f16 scales and, for SQ, k slots per group; INT4 is the case k = 0 */
+typedef struct {
+    const uint16_t *d;
+    const uint8_t *codes, *slots;
+    int32_t k;
+} nib4_planes;
+
+/* activations int8 or int4 per group (Q8_GROUP / Q4_GROUP / SQ4_GROUP): one int32 sum per group of the dense codes
+ * and the group's slots (|q| <= 8 and |v| <= 127 against |x| <= 127 over at most 256 + 256 terms for SQ: within
+ * int32), one float multiply-add per group */
+static void nib4_matmul_scalar(const qrz_weight *w, nib4_planes p, const qrz_acts *x, int64_t r0, int64_t r1,
+                               float *y, int64_t ldy) {
     const int32_t G = w->group;
     const int64_t ng = w->cols / G;
     for (int64_t r = r0; r < r1; r++) {
-        const uint16_t *wd = (const uint16_t *)w->data + r * ng;
-        const uint8_t *mant = int4_mant(w) + r * (w->cols / 2);
+        const uint16_t *wd = p.d + r * ng;
+        const uint8_t *codes = p.codes + r * (w->cols / 2);
         for (int64_t i = 0; i < x->n; i++) {
             const int8_t *xq = x->q + i * x->cols;
             const float *xd = x->d + i * ng;
             float acc = 0.0f;
             for (int64_t g = 0; g < ng; g++) {
                 int32_t sum = 0;
-                for (int32_t k = 0; k < G; k++) sum += nibble_at(mant, g * G + k) * xq[g * G + k];
+                for (int32_t k = 0; k < G; k++) sum += nibble_at(codes, g * G + k) * xq[g * G + k];
+                for (int32_t j = 0; j < p.k; j++) {
+                    const uint8_t *s = p.slots + (((uint64_t)r * ng + g) * p.k + j) * 2;
+                    sum += (int8_t)s[1] * xq[g * G + s[0]];
+                }
                 acc += qrz_f16_to_f32(wd[g]) * xd[g] * (float)sum;
             }
             y[i * ldy + r] = acc;
         }
     }
+}
+
+static void int4_matmul_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    nib4_matmul_scalar(w, (nib4_planes){(const uint16_t *)w->data, int4_mant(w), NULL, 0}, x, r0, r1, y, ldy);
 }
 
 /* ---- FP4 (LLM-FP4): header, activation offsets, f16 group scales, codes; value d * lut[code] ---- */
@@ -264,7 +282,7 @@ qrz_fp4_view qrz_fp4_split(const uint8_t *data, int64_t rows, int64_t cols, int3
 static const char *fp4_check(const qrz_weight *w) {
     const qrz_fp4_view v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
     if (v.e_w < 1 || v.e_w > 3 || v.e_a < 1 || v.e_a > 3) return "an FP4 layout other than E1M2, E2M1, E3M0";
-    if (v.mode > 1) return "an unknown FP4 activation scale mode";
+    if (v.mode > QRZ_FP4_GROUP) return "an unknown FP4 activation scale mode";
     if (!(v.scale > 0.0f) || !isfinite(v.scale)) return "an FP4 activation scale that is not a positive number";
     const int K = qrz_fp4_max_shift(v.e_a);
     for (int64_t c = 0; c < w->cols; c++)
@@ -280,27 +298,97 @@ static void fp4_dequant_row(const qrz_weight *w, int64_t r, float *out) {
         out[c] = qrz_f16_to_f32(d[c / w->group]) * (float)qrz_fp4_lut[v.e_w][nibble_at(codes, c) + 8];
 }
 
-/* activations int8 per row (I8_ROW) or FP4 lanes (FP4), one scale per row either way: an int32 sum per group
- * from the weight table's integers, one float multiply-add per group by the weight scale, one multiply per output */
+/* activations int8 per group (Q8_GROUP) or FP4 lanes with one scale per row (FP4) or per group (FP4_GROUP): an
+ * int32 sum per group from the weight table's integers, acc += (d_w * d_x,g) * sum per group with d_x,g = 1 for
+ * row scales (an exact multiply, so those keep the plain d_w * sum), then acc * d_x,row with d_x,row = 1 for
+ * group scales. The SIMD kernels keep this order. */
 static void fp4_matmul_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y, int64_t ldy) {
     const qrz_fp4_view v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
     const int8_t *lut = qrz_fp4_lut[v.e_w];
     const int32_t G = w->group;
     const int64_t ng = w->cols / G;
+    const bool grouped = qrz_acts_grouped(x->kind);
     for (int64_t r = r0; r < r1; r++) {
         const uint16_t *wd = v.d + r * ng;
         const uint8_t *codes = v.codes + r * (w->cols / 2);
         for (int64_t i = 0; i < x->n; i++) {
             const int8_t *xq = x->q + i * x->cols;
+            const float *xd = x->d + i * ng;
             float acc = 0.0f;
             for (int64_t g = 0; g < ng; g++) {
                 int32_t sum = 0;   /* |lut| <= 64, |x| <= 127, G <= 2^16: within int32 */
                 for (int32_t k = 0; k < G; k++) sum += lut[nibble_at(codes, g * G + k) + 8] * xq[g * G + k];
-                acc += qrz_f16_to_f32(wd[g]) * (float)sum;
+                acc += qrz_f16_to_f32(wd[g]) * (grouped ? xd[g] : 1.0f) * (float)sum;
             }
-            y[i * ldy + r] = acc * x->d[i];
+            y[i * ldy + r] = acc * (grouped ? 1.0f : x->d[i]);
         }
     }
+}
+
+/* ---- SQ-format: INT4 groups holding k int8 slots each (position, value in the group's unit) ---- */
+#define SQ_MAX_GROUP 256          /* slot positions are bytes */
+
+static uint64_t sq_nbytes(int64_t rows, int64_t cols, int32_t group) {
+    (void)rows; (void)cols; (void)group;
+    return 0;   /* the slot plane's size is in the header */
+}
+
+static uint64_t sq_nbytes_head(const uint8_t *head, int64_t rows, int64_t cols, int32_t group) {
+    if (!nibble_shape_ok(cols, group, SQ_MAX_GROUP) || group % 32) return 0;
+    uint16_t k;
+    memcpy(&k, head, 2);
+    if (k > group) return 0;
+    const uint64_t ng = (uint64_t)rows * (uint64_t)(cols / group);
+    return QRZ_SQ_HEADER + align_up((uint64_t)cols, QRZ_ALIGN) + align_up(ng * 2, QRZ_ALIGN) +
+           align_up(ng * k * 2, QRZ_ALIGN) + (uint64_t)rows * (uint64_t)cols / 2;
+}
+
+qrz_sq_view qrz_sq_split(const uint8_t *data, int64_t rows, int64_t cols, int32_t group) {
+    uint16_t k;
+    memcpy(&k, data, 2);
+    const uint64_t ng = (uint64_t)rows * (uint64_t)(cols / group);
+    qrz_sq_view v = {k, data + QRZ_SQ_HEADER, NULL, NULL, NULL};
+    v.d = (const uint16_t *)(v.hot + align_up((uint64_t)cols, QRZ_ALIGN));
+    v.slots = (const uint8_t *)v.d + align_up(ng * 2, QRZ_ALIGN);
+    v.codes = v.slots + align_up(ng * k * 2, QRZ_ALIGN);
+    return v;
+}
+
+static const char *sq_check(const qrz_weight *w) {
+    const qrz_sq_view v = qrz_sq_split(w->data, w->rows, w->cols, w->group);
+    uint32_t n_hot, counted = 0;
+    memcpy(&n_hot, (const uint8_t *)w->data + 4, 4);
+    for (int64_t c = 0; c < w->cols; c++) {
+        if (v.hot[c] > 1) return "an SQ hot-channel flag other than 0 or 1";
+        counted += v.hot[c];
+    }
+    if (counted != n_hot) return "an SQ header whose hot-channel count disagrees with its hot plane";
+    const uint64_t n = (uint64_t)w->rows * (uint64_t)(w->cols / w->group) * (uint64_t)v.k;
+    for (uint64_t s = 0; s < n; s++) {
+        if (v.slots[2 * s] >= w->group) return "an SQ slot position outside its group";
+        if ((int8_t)v.slots[2 * s + 1] == -128) return "an SQ slot value of -128 (values are -127..127)";
+    }
+    return NULL;
+}
+
+static void sq_dequant_row(const qrz_weight *w, int64_t r, float *out) {
+    const qrz_sq_view v = qrz_sq_split(w->data, w->rows, w->cols, w->group);
+    const int32_t G = w->group;
+    const int64_t ng = w->cols / G;
+    const uint8_t *codes = v.codes + r * (w->cols / 2);
+    for (int64_t g = 0; g < ng; g++) {
+        int32_t u[SQ_MAX_GROUP];
+        for (int32_t k = 0; k < G; k++) u[k] = nibble_at(codes, g * G + k);
+        const uint8_t *s = v.slots + ((uint64_t)r * ng + g) * v.k * 2;
+        for (int32_t j = 0; j < v.k; j++) u[s[2 * j]] += (int8_t)s[2 * j + 1];
+        const float d = qrz_f16_to_f32(v.d[r * ng + g]);
+        for (int32_t k = 0; k < G; k++) out[g * G + k] = d * (float)u[k];
+    }
+}
+
+static void sq_matmul_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y, int64_t ldy) {
+    const qrz_sq_view v = qrz_sq_split(w->data, w->rows, w->cols, w->group);
+    nib4_matmul_scalar(w, (nib4_planes){v.d, v.codes, v.slots, v.k}, x, r0, r1, y, ldy);
 }
 
 /* ---- activation quantizers (docs/QUANTIZATION.md); the reference for any SIMD version ---- */
@@ -355,38 +443,66 @@ static void quantize_rows_sdr4(const float *x, int64_t n, int64_t cols, int32_t 
     }
 }
 
-/* LLM-FP4 on a row: channel c raised by 2^k_c, one scale for the row (dynamic: clip * max / top; static: the
- * stored unit), the nearest code (ties to the even magnitude index: round half to even of the float format),
- * kept as the int8 lane lut[code] << (K - k_c) so that the weights' 2^-k_c rides on the activation side */
-static void quantize_rows_fp4(const float *x, int64_t n, int64_t cols, const uint8_t *params, int8_t *q, float *d) {
+/* LLM-FP4 on a row: channel c raised by 2^k_c, one scale per span of the row (the whole row, or a group of the
+ * weight's group size in mode QRZ_FP4_GROUP; dynamic: clip * max / top; static: the stored unit), the nearest
+ * code (ties to the even magnitude index: round half to even of the float format), kept as the int8 lane
+ * lut[code] << (K - k_c) so that the weights' 2^-k_c rides on the activation side */
+static void quantize_rows_fp4(const float *x, int64_t n, int64_t cols, int32_t group, const uint8_t *params,
+                              int8_t *q, float *d) {
     const qrz_fp4_view v = qrz_fp4_split(params, 1, cols, 32);
     const int8_t *lut = qrz_fp4_lut[v.e_a];
     const int K = qrz_fp4_max_shift(v.e_a);
     static const float pow2[8] = {1, 2, 4, 8, 16, 32, 64, 128};   /* offsets are at most 3 (the loader checks) */
+    const int64_t span = v.mode == QRZ_FP4_GROUP ? group : cols;
     float t[7];
     for (int k = 0; k < 7; k++) t[k] = (float)(lut[k] + lut[k + 1]) * 0.5f;
-    for (int64_t i = 0; i < n; i++) {
-        const float *xi = x + i * cols;
+    for (int64_t c0 = 0, j = 0; c0 < n * cols; c0 += span, j++) {   /* span j: values c0 .. c0 + span */
+        const float *xs = x + c0;
+        const uint8_t *ks = v.shifts + c0 % cols;
         float s = v.scale;
-        if (v.mode == 1) {
+        if (v.mode != QRZ_FP4_STATIC) {
             float amax = 0.0f;   /* a plain compare (NaN never wins, as with fmaxf): GCC 12 for aarch64 fails
                                     with an internal error vectorizing the fmaxf form of this loop */
-            for (int64_t c = 0; c < cols; c++) {
-                const float a = fabsf(xi[c]) * pow2[v.shifts[c]];
+            for (int64_t c = 0; c < span; c++) {
+                const float a = fabsf(xs[c]) * pow2[ks[c]];
                 if (a > amax) amax = a;
             }
             s = amax * v.scale / (float)lut[7];
         }
         const float inv = s > 0.0f ? 1.0f / s : 0.0f;
-        d[i] = s * (1.0f / (float)(1 << K));
-        for (int64_t c = 0; c < cols; c++) {
-            const float val = xi[c] * pow2[v.shifts[c]] * inv, a = fabsf(val);
+        d[j] = s * (1.0f / (float)(1 << K));
+        for (int64_t c = 0; c < span; c++) {
+            const float val = xs[c] * pow2[ks[c]] * inv, a = fabsf(val);
             int idx = 0;
             for (int k = 0; k < 7; k++) idx += a > t[k] || (a == t[k] && (k & 1));
             const int code = idx + (val < 0.0f && idx > 0 ? 8 : 0);
-            q[i * cols + c] = (int8_t)(lut[code] * (1 << (K - v.shifts[c])));
+            q[c0 + c] = (int8_t)(lut[code] * (1 << (K - ks[c])));
         }
     }
+}
+
+/* SQ: per group one scale for the 4-bit cold channels and the int8 hot ones (the weight tensor's hot plane) */
+static void quantize_groups_sq4(const float *x, int64_t n, int64_t cols, int32_t group, const uint8_t *params,
+                                int8_t *q, float *d) {
+    const uint8_t *hot = params + QRZ_SQ_HEADER;
+    const int64_t ng = cols / group;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t g = 0; g < ng; g++) {
+            const float *xg = x + i * cols + g * group;
+            const uint8_t *hg = hot + g * group;
+            int8_t *qg = q + i * cols + g * group;
+            float cold = 0.0f, warm = 0.0f;
+            for (int32_t k = 0; k < group; k++) {
+                if (hg[k]) warm = fmaxf(warm, fabsf(xg[k]));
+                else cold = fmaxf(cold, fabsf(xg[k]));
+            }
+            const float dg = fmaxf(cold / 7.0f, warm / 127.0f), inv = dg > 0.0f ? 1.0f / dg : 0.0f;
+            d[i * ng + g] = dg;
+            for (int32_t k = 0; k < group; k++) {
+                const float u = nearbyintf(xg[k] * inv);
+                qg[k] = (int8_t)(hg[k] ? fminf(127.0f, fmaxf(-127.0f, u)) : fminf(7.0f, fmaxf(-8.0f, u)));
+            }
+        }
 }
 
 void qrz_quantize_acts(qrz_acts *a) {
@@ -395,13 +511,21 @@ void qrz_quantize_acts(qrz_acts *a) {
     case QRZ_ACTS_Q4_GROUP: quantize_groups(a->f32, a->n, a->cols, a->group, 7.0f, -8.0f, 7.0f, a->q, a->d); break;
     case QRZ_ACTS_I8_ROW: quantize_rows_i8(a->f32, a->n, a->cols, a->q, a->d); break;
     case QRZ_ACTS_SDR4_ROW: quantize_rows_sdr4(a->f32, a->n, a->cols, a->group, a->q, a->d, a->e); break;
-    case QRZ_ACTS_FP4: quantize_rows_fp4(a->f32, a->n, a->cols, a->params, a->q, a->d); break;
+    case QRZ_ACTS_FP4:
+    case QRZ_ACTS_FP4_GROUP: quantize_rows_fp4(a->f32, a->n, a->cols, a->group, a->params, a->q, a->d); break;
+    case QRZ_ACTS_SQ4_GROUP: quantize_groups_sq4(a->f32, a->n, a->cols, a->group, a->params, a->q, a->d); break;
     default: break;
     }
 }
 
 int64_t qrz_acts_scales_per_row(int kind, int64_t cols, int32_t group) {
-    return (kind == QRZ_ACTS_I8_ROW || kind == QRZ_ACTS_SDR4_ROW || kind == QRZ_ACTS_FP4) ? 1 : cols / (group > 0 ? group : 1);
+    return qrz_acts_grouped(kind) ? cols / (group > 0 ? group : 1) : 1;
+}
+
+int qrz_acts_kind_for(const qrz_weight *w, int path) {
+    const int kind = qrz_types[w->type].acts[path];
+    if (kind == QRZ_ACTS_FP4 && ((const uint8_t *)w->data)[2] == QRZ_FP4_GROUP) return QRZ_ACTS_FP4_GROUP;
+    return kind;
 }
 
 qrz_acts qrz_acts_rows(const qrz_acts *a, int64_t i0, int64_t n) {
@@ -443,8 +567,10 @@ qrz_type_traits qrz_types[QRZ_TYPE_COUNT] = {
                       {{sdr_matmul_i8_scalar}, {sdr_matmul_sdr4_scalar}}, sdr_check},
     [QRZ_TYPE_INT4] = {"int4", {QRZ_ACTS_Q8_GROUP, QRZ_ACTS_Q4_GROUP}, int4_nbytes, int4_dequant_row,
                        {{int4_matmul_scalar}, {int4_matmul_scalar}}},
-    [QRZ_TYPE_FP4] = {"fp4", {QRZ_ACTS_I8_ROW, QRZ_ACTS_FP4}, fp4_nbytes, fp4_dequant_row,
+    [QRZ_TYPE_FP4] = {"fp4", {QRZ_ACTS_Q8_GROUP, QRZ_ACTS_FP4}, fp4_nbytes, fp4_dequant_row,
                       {{fp4_matmul_scalar}, {fp4_matmul_scalar}}, fp4_check},
+    [QRZ_TYPE_SQ] = {"sq", {QRZ_ACTS_Q8_GROUP, QRZ_ACTS_SQ4_GROUP}, sq_nbytes, sq_dequant_row,
+                     {{sq_matmul_scalar}, {sq_matmul_scalar}}, sq_check, sq_nbytes_head},
 };
 
 void qrz_types_init(void) {
@@ -468,7 +594,12 @@ qrz_matmul_fn qrz_matmul_for(int type, int path, int isa) {
 }
 
 uint64_t qrz_tensor_nbytes(int type, int64_t rows, int64_t cols, int32_t group_size) {
+    return qrz_tensor_nbytes_of(type, rows, cols, group_size, NULL);
+}
+
+uint64_t qrz_tensor_nbytes_of(int type, int64_t rows, int64_t cols, int32_t group_size, const void *head) {
     if (type < 0 || type >= QRZ_TYPE_COUNT || rows < 0 || cols <= 0) return 0;
+    if (qrz_types[type].nbytes_head) return head ? qrz_types[type].nbytes_head(head, rows, cols, group_size) : 0;
     return qrz_types[type].nbytes(rows, cols, group_size);
 }
 
@@ -477,14 +608,14 @@ int qrz_kernel_matmul(int isa, int type, int32_t group, int32_t act_bits, const 
                       int64_t cols, const float *x, int64_t n, float *y) {
     if (type < 0 || type >= QRZ_TYPE_COUNT || !wdata || !x || !y || rows <= 0 || n <= 0) return QRZ_ERR_ARG;
     if (act_bits != 8 && act_bits != 4) return QRZ_ERR_ARG;
-    if (!qrz_tensor_nbytes(type, rows, cols, group)) return QRZ_ERR_ARG;
+    if (!qrz_tensor_nbytes_of(type, rows, cols, group, wdata)) return QRZ_ERR_ARG;
     if (isa == QRZ_ISA_BEST) isa = qrz_isa_default();
     if (!qrz_isa_supported(isa)) return QRZ_ERR_ARG;
     qrz_types_init();
     const int path = qrz_act_path(type, act_bits);
     qrz_weight w = {type, group, rows, cols, wdata, -1};
     if (qrz_types[type].check && qrz_types[type].check(&w)) return QRZ_ERR_ARG;
-    qrz_acts a = {n, cols, x, qrz_types[type].acts[path], NULL, NULL, NULL, group, wdata};
+    qrz_acts a = {n, cols, x, qrz_acts_kind_for(&w, path), NULL, NULL, NULL, group, wdata};
     if (a.kind != QRZ_ACTS_F32) {
         a.q = malloc((size_t)(n * cols));
         a.d = malloc((size_t)(n * cols) * sizeof(float));
@@ -501,7 +632,7 @@ int qrz_kernel_matmul(int isa, int type, int32_t group, int32_t act_bits, const 
 
 int qrz_kernel_dequant_row(int type, int32_t group, const void *wdata, int64_t rows, int64_t cols, int64_t r, float *out) {
     if (type < 0 || type >= QRZ_TYPE_COUNT || !wdata || !out || r < 0 || r >= rows) return QRZ_ERR_ARG;
-    if (!qrz_tensor_nbytes(type, rows, cols, group)) return QRZ_ERR_ARG;
+    if (!qrz_tensor_nbytes_of(type, rows, cols, group, wdata)) return QRZ_ERR_ARG;
     qrz_weight w = {type, group, rows, cols, wdata, -1};
     qrz_types[type].dequant_row(&w, r, out);
     return QRZ_OK;

@@ -113,7 +113,8 @@ def model_metadata(model):
 
 
 TENSOR_TYPE_NAMES = {lib.QRZ_TYPE_F32: "f32", lib.QRZ_TYPE_F16: "f16", lib.QRZ_TYPE_Q8: "q8", lib.QRZ_TYPE_SDR: "sdr",
-                     lib.QRZ_TYPE_INT4: "int4", lib.QRZ_TYPE_FP4: "fp4"}
+                     lib.QRZ_TYPE_INT4: "int4", lib.QRZ_TYPE_FP4: "fp4",
+                     lib.QRZ_TYPE_SQ: "sq"}
 
 
 def model_tensors(model):
@@ -169,7 +170,7 @@ def kernel_matmul(isa, type_id, group, weight_bytes, rows, cols, x, act_bits=8):
     x = np.ascontiguousarray(x, dtype=np.float32)
     w = np.frombuffer(weight_bytes, dtype=np.uint8) if not isinstance(weight_bytes, np.ndarray) else weight_bytes
     w = np.ascontiguousarray(w).view(np.uint8)
-    need = lib.qrz_tensor_nbytes(type_id, rows, cols, group)
+    need = lib.qrz_tensor_nbytes_of(type_id, rows, cols, group, ffi.from_buffer(w) if w.nbytes >= 64 else ffi.NULL)
     if need == 0 or w.nbytes != need:
         raise ValueError(f"weight buffer has {w.nbytes} bytes, the type needs {need}")
     y = np.empty((x.shape[0], rows), dtype=np.float32)

@@ -137,7 +137,7 @@ def pyqrt_on_matmul(user, tensor, x, n, cols):
 
 
 # weight formats whose kernels take 4-bit activations (act="4bit")
-FOUR_BIT_ACT_FORMATS = {"sdr", "int4", "fp4"}
+FOUR_BIT_ACT_FORMATS = {"sdr", "int4", "fp4", "sq"}
 
 
 class Model:
@@ -161,7 +161,7 @@ class Model:
         if act == "4bit" and fmt not in FOUR_BIT_ACT_FORMATS:
             raise ValueError(f"act='4bit' needs a weight format with 4-bit activation kernels "
                              f"({', '.join(sorted(FOUR_BIT_ACT_FORMATS))}); this file is '{fmt}'. Convert with "
-                             f"--format sdr (or fp4, int4), or load with act='8bit'")
+                             f"--format sdr (or fp4, sq, int4), or load with act='8bit'")
         self.act = act or ("8bit" if fmt not in ("f32", "f16") else "float")
         self.kv = kv
         self._ctx = _native.context_new(self.file._handle, ctx or 0, threads or 0, batch or 0,

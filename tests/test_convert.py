@@ -410,51 +410,77 @@ def _assert_runtime_computes(path, act, ref):
         assert np.mean(got.argmax(1) == want.argmax(1)) > 0.9
 
 
-@needs_oracle
-@pytest.mark.parametrize("act", ["8bit", "4bit"])
-def test_fp4_model_computes_what_its_definition_says(tiny_hf, tmp_path, act):
-    """A calibrated FP4 model (searched layouts, scales, activation offsets and modes per tensor) against
-    transformers running its definition in float: each linear layer's weights as the stored FP4 values and its
-    input through the numpy twin of the activation quantizer, with the parameters read back from the file's
-    bytes (8bit: per-row int8)."""
+def _calibrated_oracle(tiny_hf, tmp_path, fmt, act, read_tensor):
+    """A model converted with --calib against transformers running its definition in float: each linear layer of
+    type `fmt` gets the weights read_tensor(buf, rows, cols) -> (weights, act_quant) says its stored bytes hold,
+    and its input goes through act_quant (for act="4bit"; int8 per group for act="8bit"), with every parameter
+    read back from the file's bytes; the rest (the output head) as q8, as the converter stores it."""
     import torch
     from transformers import AutoModelForCausalLM
     from pyqrt.model import QrzFile
-    from convert.formats import fp4
     calib = tmp_path / "calib.txt"
     calib.write_text("a quiet river runs under old stone bridges, past mills and gardens. " * 100, encoding="utf-8")
-    path = convert(tiny_hf, tmp_path / "t-fp4.qrz", fmt="fp4", group_size=32, progress=False, calib=str(calib),
+    path = convert(tiny_hf, tmp_path / f"t-{fmt}.qrz", fmt=fmt, group_size=32, progress=False, calib=str(calib),
                    calib_tokens=512)
     raw = np.fromfile(path, np.uint8)
     stored = {t["name"]: t for t in QrzFile(str(path)).tensors}
     ref = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
-    i8_row = _fake_acts("i8row", 32)
-    modes = set()
+    q8_group = _fake_acts("q8", 32)
     with torch.no_grad():
         for name, mod in ref.named_modules():
             if not isinstance(mod, torch.nn.Linear):
                 continue
             t = stored.get(name + ".weight") if name != "lm_head" else None
-            if t is None or t["type"] != "fp4":   # the output head: q8, as the converter stores it
+            if t is None or t["type"] != fmt:
                 w = mod.weight.numpy().astype(np.float32)
                 mod.weight.copy_(torch.from_numpy(q8.dequantize(q8.quantize(w, 32), *w.shape, 32)))
-                mod.register_forward_pre_hook(lambda m, a: (_fake_acts("q8", 32)(a[0]),))
+                mod.register_forward_pre_hook(lambda m, a: (q8_group(a[0]),))
                 continue
             rows, cols = t["shape"]
-            buf = raw[t["offset"]:t["offset"] + t["nbytes"]]
-            mod.weight.copy_(torch.from_numpy(fp4.dequantize(buf, rows, cols, 32)))
-            p = fp4.unpack(buf, rows, cols, 32)
-            modes.add((p["e_a"], p["mode"], int(p["shifts"].max())))
+            weights, act_quant = read_tensor(raw[t["offset"]:t["offset"] + t["nbytes"]], rows, cols)
+            mod.weight.copy_(torch.from_numpy(weights))
             if act == "8bit":
-                quant = i8_row
+                quant = q8_group
             else:
-                def quant(x, p=p):
-                    flat = x.reshape(-1, x.shape[-1]).numpy()
-                    out = fp4.dequantize_acts(flat, p["e_a"], p["mode"], p["scale"], p["shifts"])
+                def quant(x, act_quant=act_quant):
+                    out = act_quant(x.reshape(-1, x.shape[-1]).numpy())
                     return torch.from_numpy(out).reshape(x.shape)
             mod.register_forward_pre_hook(lambda m, a, quant=quant: (quant(a[0]),))
-    assert any(k > 0 for _, _, k in modes)                   # the search did raise some channels
     _assert_runtime_computes(path, act, ref)
+
+
+@needs_oracle
+@pytest.mark.parametrize("act", ["8bit", "4bit"])
+def test_fp4_model_computes_what_its_definition_says(tiny_hf, tmp_path, act):
+    """A calibrated FP4 model (searched layouts, scales, activation offsets and modes per tensor): weights as the
+    stored FP4 values, inputs through the numpy twin of the activation quantizer"""
+    from convert.formats import fp4
+    modes = set()
+
+    def read(buf, rows, cols):
+        p = fp4.unpack(buf, rows, cols, 32)
+        modes.add((p["e_a"], p["mode"], int(p["shifts"].max())))
+        return fp4.dequantize(buf, rows, cols, 32), lambda x: fp4.dequantize_acts(
+            x, p["e_a"], p["mode"], p["scale"], p["shifts"], 32)
+    _calibrated_oracle(tiny_hf, tmp_path, "fp4", act, read)
+    assert any(k > 0 for _, _, k in modes)                   # the search did raise some channels
+
+
+@needs_oracle
+@pytest.mark.parametrize("act", ["8bit", "4bit"])
+def test_sq_model_computes_what_its_definition_says(tiny_hf, tmp_path, act):
+    """A calibrated SQ model (importance-chosen int8 slots in every group, hot activation channels per tensor):
+    weights as the stored dense codes plus slots, inputs through the numpy twin of its 4/8-bit quantizer"""
+    from convert.formats import sq
+    hot_counts = []
+
+    def read(buf, rows, cols):
+        p = sq.unpack(buf, rows, cols, 32)
+        assert p["k"] == sq.slots_for(32, sq.DEFAULT_SPARSE)
+        hot_counts.append(int(p["hot"].sum()))
+        return sq.dequantize(buf, rows, cols, 32), lambda x: sq.dequantize_acts(x, p["hot"], 32)
+    _calibrated_oracle(tiny_hf, tmp_path, "sq", act, read)
+    assert hot_counts and min(hot_counts) > 0                # calibration chose hot channels everywhere
 
 
 def _native_tensors(path):

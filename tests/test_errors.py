@@ -181,7 +181,7 @@ def test_unsupported_architecture(tmp_path, tiny_qrz):
     assert pyqrt.open_file(path).metadata["general.architecture"] == "mamba"   # still inspectable
 
 
-_TYPE_IDS = {"f32": 0, "f16": 1, "q8": 2, "sdr": 3, "int4": 4, "fp4": 5}
+_TYPE_IDS = {"f32": 0, "f16": 1, "q8": 2, "sdr": 3, "int4": 4, "fp4": 5, "sq": 6}
 _I32_KEYS = {"tokenizer.bos_id", "tokenizer.eos_id", "tokenizer.pad_id"}
 _I32_ARRAYS = {"tokenizer.token_type", "tokenizer.eog_ids"}
 
@@ -267,6 +267,44 @@ def test_fp4_header_out_of_range_is_refused(tmp_path, at, value, why):
             data[fp4.HEADER_BYTES + 5] = value
         else:
             data[at] = value
+    path = _rewrite(src, tmp_path / "edited.qrz", edit_tensor=edit)
+    if at is None:
+        pyqrt.load(path, act="4bit").logits([1, 2, 3])
+    else:
+        _expect(path, pyqrt.FormatError, (name, why))
+
+
+@pytest.mark.parametrize("at,why", [(None, None), ("k", "bytes recorded"), ("hot", "hot-channel flag"),
+                                    ("count", "hot-channel count"), ("pos", "slot position"),
+                                    ("value", "slot value")])
+def test_sq_header_and_slots_out_of_range_are_refused(tmp_path, at, why):
+    """a file with valid checksums whose SQ header claims another slot count (so its size disagrees), or whose
+    hot plane, hot count, slot positions or slot values leave the format's ranges, is refused at load; the
+    unedited file loads"""
+    from convert.formats import sq
+    hf = make_tiny_llama(tmp_path / "hf")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("a quiet river runs under old stone bridges. " * 60, encoding="utf-8")
+    src = str(convert(hf, tmp_path / "sq.qrz", fmt="sq", group_size=32, progress=False, calib=str(calib),
+                      calib_tokens=256))
+    name = "model.layers.1.self_attn.o_proj.weight"
+    t = next(t for t in pyqrt.open_file(src).tensors if t["name"] == name)
+    rows, cols = t["shape"]
+    slot0 = sq.HEADER_BYTES + sq.align64(cols) + sq.align64(rows * (cols // 32) * 2)
+
+    def edit(tname, data):
+        if tname != name or at is None:
+            return
+        if at == "k":
+            data[0] += 1
+        elif at == "hot":
+            data[sq.HEADER_BYTES + 3] = 2
+        elif at == "count":
+            data[4] ^= 1
+        elif at == "pos":
+            data[slot0] = 32
+        else:
+            data[slot0 + 1] = 0x80
     path = _rewrite(src, tmp_path / "edited.qrz", edit_tensor=edit)
     if at is None:
         pyqrt.load(path, act="4bit").logits([1, 2, 3])

@@ -7,7 +7,7 @@ from pyqrt import _native
 from pyqrt._native import lib
 
 from convert.formats import fp4
-from tests.test_kernels import ISAS, make_acts, make_weight, quantize_acts_i8_row
+from tests.test_kernels import ISAS, make_acts, make_weight, quantize_acts_q8_group
 
 TYPE = lib.QRZ_TYPE_FP4
 
@@ -63,14 +63,16 @@ def fp4_reference(wbytes, rows, cols, group, x, act_bits):
     ng = cols // group
     wl = fp4.signed_lut(p["e_w"])[p["codes"]].astype(np.int64).reshape(rows, ng, group)
     if act_bits == 8:
-        q, d_x = quantize_acts_i8_row(x)
+        q, d_x = quantize_acts_q8_group(x, group)
     else:
-        q, d_x = fp4.quantize_acts(x, p["e_a"], p["mode"], p["scale"], p["shifts"])
+        q, d_x = fp4.quantize_acts(x, p["e_a"], p["mode"], p["scale"], p["shifts"], group)
     q = q.astype(np.int64).reshape(len(x), ng, group)
-    d_w = p["d16"].astype(np.float64)
+    # d_x per (row, group): a row scale is the same in every group
+    d_x = np.broadcast_to(d_x.astype(np.float64).reshape(len(x), -1), (len(x), ng))[:, None, :]
+    d_w = p["d16"].astype(np.float64)[None]
     sums = np.einsum("rgk,igk->irg", wl, q).astype(np.float64)
-    want = (sums * d_w[None]).sum(axis=2) * d_x.astype(np.float64)[:, None]
-    mag = (np.einsum("rgk,igk->irg", np.abs(wl), np.abs(q)) * d_w[None]).sum(axis=2) * np.abs(d_x)[:, None]
+    want = (sums * d_w * d_x).sum(axis=2)
+    mag = (np.einsum("rgk,igk->irg", np.abs(wl), np.abs(q)) * d_w * d_x).sum(axis=2)
     return want, 2e-6 * mag + 1e-30
 
 
@@ -91,8 +93,8 @@ def test_fp4_matmul_matches_numpy(isa, act_bits, kind, group, rows, cols, n):
     x = make_acts(kind, n, cols, rng)
     if kind == "random":   # random codes, layouts, offsets and modes: all of the format, not only the search's picks
         e_w, e_a = int(rng.integers(1, 4)), int(rng.integers(1, 4))
-        mode = int(rng.integers(0, 2))
-        scale = 0.9 if mode == fp4.DYNAMIC else float(np.abs(x).max() / 8)
+        mode = int(rng.integers(0, 3))
+        scale = float(np.abs(x).max() / 8) if mode == fp4.STATIC else 0.9
         wbytes = _fp4_bytes(rng, rows, cols, group, e_w, e_a, mode, scale)
     else:
         wbytes = fp4.quantize(w, group)
@@ -102,15 +104,17 @@ def test_fp4_matmul_matches_numpy(isa, act_bits, kind, group, rows, cols, n):
     assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) / bound))
 
 
+@pytest.mark.parametrize("mode", fp4.ACT_MODES)
 @pytest.mark.parametrize("act_bits", [8, 4])
 @pytest.mark.parametrize("e_w", fp4.EXPONENTS)
 @pytest.mark.parametrize("group,rows,cols,n", CASES)
-def test_fp4_simd_matches_scalar(act_bits, e_w, group, rows, cols, n):
+def test_fp4_simd_matches_scalar(mode, act_bits, e_w, group, rows, cols, n):
     if len(ISAS) < 2:
         pytest.skip("this CPU has no SIMD path to compare")
     rng = np.random.default_rng(17 + e_w)
     x = rng.standard_normal((n, cols)).astype(np.float32)
-    wbytes = _fp4_bytes(rng, rows, cols, group, e_w, e_a=4 - e_w)
+    scale = 0.3 if mode == fp4.STATIC else 0.8
+    wbytes = _fp4_bytes(rng, rows, cols, group, e_w, 4 - e_w, mode, scale)
     ref = _native.kernel_matmul("scalar", TYPE, group, wbytes, rows, cols, x, act_bits)
     for isa in ISAS[1:]:
         got = _native.kernel_matmul(isa, TYPE, group, wbytes, rows, cols, x, act_bits)
@@ -141,21 +145,23 @@ def test_fp4_largest_sums(isa, e_w, act_bits):
 
 def test_fp4_act_twin_matches_the_c_quantizer():
     """the numpy twin gives the C lanes exactly: with weights that are 1 at a single column (E1M2 code 1, scale 1),
-    the kernel's output is the activation's dequantized value there, column by column; every layout, both modes"""
+    the kernel's output is the activation's dequantized value there, column by column; every layout and mode"""
     rng = np.random.default_rng(5)
-    cols = 256
+    cols, group = 256, 64
     x = np.concatenate([rng.standard_normal((3, cols)) * 3, rng.standard_normal((1, cols)) * 1e-30,
                         np.zeros((1, cols)), make_weight("extremes", 1, cols, rng),
                         np.round(rng.standard_normal((2, cols)) * 8) / 2]).astype(np.float32)   # exact ties
     codes = np.zeros((cols, cols), np.uint8)
     codes[np.arange(cols), np.arange(cols)] = 1
     for e_a in fp4.EXPONENTS:
-        for mode, scale in ((fp4.DYNAMIC, 1.0), (fp4.DYNAMIC, 0.4), (fp4.STATIC, 0.5), (fp4.STATIC, 1e-3)):
+        for mode, scale in ((fp4.DYNAMIC, 1.0), (fp4.DYNAMIC, 0.4), (fp4.STATIC, 0.5), (fp4.STATIC, 1e-3),
+                            (fp4.GROUPED, 1.0), (fp4.GROUPED, 0.4)):
             shifts = rng.integers(0, fp4.max_act_shift(e_a) + 1, cols).astype(np.uint8)
-            wbytes = fp4.pack(1, np.ones((cols, 1), np.float16), codes, e_a, mode, scale, shifts)
-            got = _native.kernel_matmul("scalar", TYPE, cols, wbytes, cols, cols, x, 4)
-            lanes, d = fp4.quantize_acts(x, e_a, mode, scale, shifts)
-            np.testing.assert_array_equal(got, lanes.astype(np.float32) * d[:, None])
+            wbytes = fp4.pack(1, np.ones((cols, cols // group), np.float16), codes, e_a, mode, scale, shifts)
+            got = _native.kernel_matmul("scalar", TYPE, group, wbytes, cols, cols, x, 4)
+            lanes, d = fp4.quantize_acts(x, e_a, mode, scale, shifts, group)
+            d = np.repeat(d.reshape(len(x), -1), cols // d.reshape(len(x), -1).shape[1], axis=1)
+            np.testing.assert_array_equal(got, lanes.astype(np.float32) * d)
 
 
 @pytest.mark.parametrize("group", [32, 64, 96])
@@ -208,9 +214,38 @@ def test_fp4_activation_search_lowers_the_output_error():
     assert p["shifts"].max() > 0                       # some channels were raised
     y = held @ w.T
     tuned = _native.kernel_matmul("scalar", TYPE, 64, wbytes, rows, cols, held, 4)
-    plain_bytes = fp4.pack(p["e_w"], p["d16"], p["codes"])
+    plain_bytes = fp4.pack(p["e_w"], p["d16"], p["codes"], 2, fp4.DYNAMIC, 1.0)
     plain = _native.kernel_matmul("scalar", TYPE, 64, plain_bytes, rows, cols, held, 4)
     assert ((tuned - y) ** 2).sum() < 0.8 * ((plain - y) ** 2).sum()
+
+
+def test_fp4_search_takes_group_scales_for_token_outliers():
+    """rows where, on some tokens, a few channels are hundreds of times larger than the rest (Qwen2.5's down_proj
+    inputs): one scale per row crushes the other channels of those rows, so the search takes per-group scales,
+    and held-out rows through the kernel show the smaller error"""
+    rng = np.random.default_rng(9)
+    rows, cols, n, group = 48, 512, 512, 64
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    x = rng.standard_normal((2 * n, cols)).astype(np.float32)
+    hot = rng.random(2 * n) < 0.3                                   # a third of the tokens
+    x[hot, 7] *= 400.0
+    x[hot, 300] *= -250.0
+    fit, held = x[:n], x[n:]
+    calib = fp4.Calibration(gram=fit.T @ fit / n, absmax=np.abs(fit).max(axis=0), samples=fit[:fp4.SAMPLE_ROWS])
+    wbytes = fp4.quantize(w, group, calib=calib)
+    p = fp4.unpack(wbytes, rows, cols, group)
+    assert p["mode"] == fp4.GROUPED
+    saved = fp4.ACT_MODES
+    try:
+        fp4.ACT_MODES = (fp4.DYNAMIC, fp4.STATIC)
+        row_bytes = fp4.pack(p["e_w"], p["d16"], p["codes"], *fp4.search_acts(
+            fp4.dequantize(wbytes, rows, cols, group), calib.absmax, calib.samples, group))
+    finally:
+        fp4.ACT_MODES = saved
+    y = held @ fp4.dequantize(wbytes, rows, cols, group).T
+    err = {name: float(((_native.kernel_matmul("scalar", TYPE, group, b, rows, cols, held, 4) - y) ** 2).sum())
+           for name, b in (("group", wbytes), ("row", row_bytes))}
+    assert err["group"] < 0.5 * err["row"], err
 
 
 def test_fp4_bad_shapes_and_headers_rejected():
@@ -222,7 +257,7 @@ def test_fp4_bad_shapes_and_headers_rejected():
     good = fp4.quantize(np.ones((4, 96), np.float32), 32)
     assert _native.kernel_matmul("scalar", TYPE, 32, good, 4, 96, x, 4).shape == (1, 4)
     bad = []
-    for at, value in ((0, 0), (0, 4), (1, 0), (1, 9), (2, 2)):    # layouts, mode
+    for at, value in ((0, 0), (0, 4), (1, 0), (1, 9), (2, 3)):    # layouts, mode
         b = good.copy()
         b[at] = value
         bad.append(b)
@@ -245,8 +280,8 @@ def test_fp4_kernels_are_batch_invariant(isa, act_bits):
     rng = np.random.default_rng(12)
     rows, cols, n = 24, 384, 9
     x = rng.standard_normal((n, cols)).astype(np.float32)
-    for e_w in fp4.EXPONENTS:
-        wbytes = _fp4_bytes(rng, rows, cols, 64, e_w, e_a=e_w)
+    for e_w, mode in zip(fp4.EXPONENTS, fp4.ACT_MODES):
+        wbytes = _fp4_bytes(rng, rows, cols, 64, e_w, e_w, mode, 0.5)
         whole = _native.kernel_matmul(isa, TYPE, 64, wbytes, rows, cols, x, act_bits)
         for i0, i1 in [(0, 1), (1, 3), (3, 7), (7, 9)]:
             np.testing.assert_array_equal(_native.kernel_matmul(isa, TYPE, 64, wbytes, rows, cols, x[i0:i1],

@@ -15,6 +15,9 @@ quantizers do (docs/QUANTIZATION.md), so:
   - FP4: numpy's float32 replay of the scalar kernel (exact integer group sums, then acc += d_g * sum_g in group
     order, times the row's activation scale) == scalar == NEON, bit for bit, and all within float-rounding
     distance of the float64 reference;
+  - SQ: NEON == scalar bit for bit (the INT4 group sums plus the group's slot sums in the same int32 total, then
+    the same float ops in the same order), and both within float-rounding distance of the float64 reference (the
+    codes with the slot values added at their positions, exact integer group sums);
   - F32 / F16 and the attention vectors: within float-rounding distance (the summation order differs).
 
 Without the cross compiler or qemu the tests skip, naming the missing tool; with CI set they fail instead
@@ -38,6 +41,7 @@ from convert.formats import int4 as int4_format
 from convert.formats import nibbles
 from convert.formats import q8 as q8_format
 from convert.formats import sdr as sdr_format
+from convert.formats import sq as sq_format
 from convert.formats import align64
 from tests.test_kernels import make_weight
 
@@ -50,7 +54,7 @@ CORE_SOURCES = ["types.c", "cpu.c", "file.c", "kernels_neon.c"]
 # as pyqrt/_build.py compiles the module (ISO C: no float multiply-add contraction)
 CFLAGS = ["-O3", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 
-TYPE_IDS = {"f32": 0, "f16": 1, "q8": 2, "sdr": 3, "int4": 4, "fp4": 5}
+TYPE_IDS = {"f32": 0, "f16": 1, "q8": 2, "sdr": 3, "int4": 4, "fp4": 5, "sq": 6}
 ISA_SCALAR, ISA_NEON = 0, 2
 NATIVE_HOST = platform.machine().lower() in ("aarch64", "arm64")
 # qemu CPU models: (name, SDOT expected); a native host runs once, as whatever it is
@@ -114,11 +118,13 @@ def _build_driver():
 
 # ---- weights and activations ----
 def _weight(kind, rows, cols, rng):
-    # "raw" and "max" (FP4: "raw-w1a3d", "max-w3a2") start from random weights whose codes the case then overwrites
-    return make_weight("random" if kind.split("-")[0] in ("raw", "max") else kind, rows, cols, rng)
+    # "raw", "max" and "min" (FP4: "raw-w1a3d", "max-w3a2"; SQ: "raw-k2", "min-k32") start from random weights whose
+    # codes the case then overwrites; SQ's converter kinds carry the slot count too ("outlier-k4")
+    base = kind.split("-")[0]
+    return make_weight("random" if base in ("raw", "max", "min") else base, rows, cols, rng)
 
 
-def _acts(kind, n, cols, rng):
+def _acts(kind, n, cols, rng, hot=None):
     x = rng.standard_normal((n, cols)).astype(np.float32)
     if kind == "zerorow":    # an all-zero row has a zero scale: exact zeros, not NaN
         x[0] = 0.0
@@ -129,6 +135,10 @@ def _acts(kind, n, cols, rng):
         x[np.arange(n), rng.integers(0, cols, n)] = -50.0
     elif kind == "max":      # every code at its most negative: the largest products and totals
         x[:] = -1.0
+    elif kind == "hotmax":   # SQ act="4bit" (hot: the weight's hot plane): one group scale puts the cold lanes at -7
+        x[:] = -1.0          # and the hot ones at -127, the largest codes the 4-bit path gives both
+        if hot is not None:
+            x[:, hot.astype(bool)] = np.float32(-127 / 7)
     elif kind != "random":
         raise ValueError(kind)
     return x
@@ -176,8 +186,8 @@ def _encode(type_name, wkind, w, group, rng):
         s, e, m = sdr_format.unpack(buf, rows, cols, group)
         return buf, {"s": s.astype(np.float32), "e": e.astype(np.int64), "m": m.astype(np.int64)}
     if type_name == "fp4":
-        layout = re.fullmatch(r"(raw|max)-w(\d)a(\d)([sd]?)", wkind)
-        if layout is None:   # what the converter writes: its searched weight layout, dynamic E2M1, no offsets
+        layout = re.fullmatch(r"(raw|max)-w(\d)a(\d)([sdg]?)", wkind)
+        if layout is None:   # what the converter writes: its searched weight layout, E2M1 per group, no offsets
             buf = fp4_format.quantize(w, group)
         else:
             how, e_w, e_a = layout[1], int(layout[2]), int(layout[3])
@@ -186,8 +196,9 @@ def _encode(type_name, wkind, w, group, rng):
                 codes = rng.integers(0, 16, (rows, cols)).astype(np.uint8)
                 shifts = rng.integers(0, fp4_format.max_act_shift(e_a) + 1, cols).astype(np.uint8)
                 top = float(fp4_format.codebook(e_a)[-1])
-                mode, scale = ((fp4_format.DYNAMIC, float(rng.choice([1.0, 0.7, 0.3]))) if layout[4] == "d"
-                               else (fp4_format.STATIC, 2.5 / top))   # static: |x| = 2.5 at the top code
+                mode = {"d": fp4_format.DYNAMIC, "g": fp4_format.GROUPED, "s": fp4_format.STATIC}[layout[4]]
+                scale = 2.5 / top if mode == fp4_format.STATIC else float(rng.choice([1.0, 0.7, 0.3]))
+                # static: |x| = 2.5 at the top code; dynamic (row or group): a clipping ratio
             else:              # every code the most negative: with "max" activations, the largest sums
                 d16 = np.ones((rows, ng), np.float16)
                 codes = np.full((rows, cols), 15, np.uint8)
@@ -197,6 +208,39 @@ def _encode(type_name, wkind, w, group, rng):
         p = fp4_format.unpack(buf, rows, cols, group)
         wl = fp4_format.signed_lut(p["e_w"])[p["codes"]].astype(np.int64)
         return buf, {"wl": wl, "d": p["d16"].astype(np.float32), **{k: p[k] for k in ("e_a", "mode", "scale", "shifts")}}
+    if type_name == "sq":
+        how, k = re.fullmatch(r"([a-z]+)-k(\d+)", wkind).groups()
+        k = int(k)
+        if how == "raw":     # random scales, codes, slots and hot channels straight into the layout
+            d16 = (rng.random((rows, ng)) * 2 - 0.5).astype(np.float16)
+            q = rng.integers(-8, 8, (rows, cols)).astype(np.int8)
+            pos = rng.integers(0, group, (rows, ng, k)).astype(np.uint8)
+            if k >= 2:       # half the groups with two slots on one position (the format adds their values)
+                pos[:, :, 1] = np.where(rng.random((rows, ng)) < 0.5, pos[:, :, 0], pos[:, :, 1])
+            vals = rng.integers(-127, 128, (rows, ng, k)).astype(np.int8)
+            buf = sq_format.pack(d16, q, pos, vals, (rng.random(cols) < 0.1).astype(np.uint8))
+        elif how in ("max", "min"):   # every code and slot value at an extreme, the slots on hot channels (many on
+            # one position when k is large): against "max" / "hotmax" activations the largest positive (max: -8 and
+            # -127) or negative (min: 7 and +127) group sums
+            hot = np.zeros(cols, np.uint8)
+            hot[3::8] = 1
+            pos = rng.choice(np.arange(3, group, 8), (rows, ng, k)).astype(np.uint8)
+            q = np.full((rows, cols), -8 if how == "max" else 7, np.int8)
+            vals = np.full((rows, ng, k), -127 if how == "max" else 127, np.int8)
+            buf = sq_format.pack(np.ones((rows, ng), np.float16), q, pos, vals, hot)
+        else:                # the converter's output, calibrated on sample rows with a few loud channels
+            samples = rng.standard_normal((16, cols)).astype(np.float32)
+            samples[:, rng.integers(0, cols, max(1, cols // 32))] *= 30
+            calib = sq_format.Calibration(gram=samples.T @ samples / len(samples), absmax=np.abs(samples).max(axis=0))
+            buf = sq_format.quantize(w, group, calib=calib, sparse=k / group)
+        p = sq_format.unpack(buf, rows, cols, group)
+        assert p["k"] == k and buf.size == sq_format.nbytes(rows, cols, group, k)
+        # the integer each weight is in its group's unit: its code plus the values of the slots at its position
+        u = p["q"].astype(np.int64).reshape(rows, ng, group).copy()
+        r_idx, g_idx = np.meshgrid(np.arange(rows), np.arange(ng), indexing="ij")
+        for s in range(k):
+            np.add.at(u, (r_idx, g_idx, p["pos"][:, :, s].astype(np.int64)), p["vals"][:, :, s].astype(np.int64))
+        return buf, {"d": p["d16"].astype(np.float32), "q": u.reshape(rows, cols), "hot": p["hot"]}
     raise ValueError(type_name)
 
 
@@ -246,30 +290,38 @@ def reference(type_name, group, act_bits, parts, x):
         w = parts["w"].astype(np.float64)
         want = x.astype(np.float64) @ w.T
         return want, 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w).T) + 1e-30, None
-    if type_name in ("q8", "int4"):
+    if type_name in ("q8", "int4", "sq"):   # SQ's q: the codes with the slot values added
         if type_name == "int4" and act_bits == 4:
             xq, xd = quantize_acts_group(x, group, 7, -8, 7)
+        elif type_name == "sq" and act_bits == 4:
+            xq, xd = sq_format.quantize_acts(x, parts["hot"], group)
         else:
             xq, xd = quantize_acts_group(x, group, 127, -127, 127)
         sums = _group_sums(parts["q"], xq, group)
+        assert np.abs(sums).max(initial=0) < 2 ** 31, "test data outside the kernels' documented int32 range"
         terms = parts["d"][None, :, :].astype(np.float64) * xd[:, None, :].astype(np.float64) * sums
         return terms.sum(axis=2), 1e-5 * np.abs(terms).sum(axis=2) + 1e-30, None
     if type_name == "fp4":
         if act_bits == 4:
-            xq, xd = fp4_format.quantize_acts(x, parts["e_a"], parts["mode"], parts["scale"], parts["shifts"])
+            xq, xd = fp4_format.quantize_acts(x, parts["e_a"], parts["mode"], parts["scale"], parts["shifts"], group)
         else:
-            xq, xd = quantize_acts_i8_row(x)
+            xq, xd = quantize_acts_group(x, group, 127, -127, 127)
         sums = _group_sums(parts["wl"], xq, group)
         assert np.abs(sums).max(initial=0) < 2 ** 31, "test data outside the kernels' documented int32 range"
-        # the scalar kernel's float32 ops in its order: acc += d_g * (float)sum_g over the groups, then acc * d_x
+        # the scalar kernel's float32 ops in its order: acc += (d_w,g * d_x,g) * (float)sum_g over the groups, then
+        # acc * d_x,row; a row scale has d_x,g = 1, a group scale d_x,row = 1 (both exact multiplies)
+        ng = sums.shape[2]
+        grouped = xd.ndim == 2
+        x_g = xd.astype(np.float32) if grouped else np.ones((len(x), ng), np.float32)
+        x_row = np.ones(len(x), np.float32) if grouped else xd.astype(np.float32)
         d_w = parts["d"]
         acc = np.zeros(sums.shape[:2], np.float32)
-        for g in range(sums.shape[2]):
-            acc = acc + d_w[None, :, g] * sums[:, :, g].astype(np.float32)
-        exact = (acc * xd[:, None]).astype(np.float32)
-        terms = d_w[None].astype(np.float64) * sums
-        scale = np.abs(xd).astype(np.float64)[:, None]
-        return terms.sum(axis=2) * xd[:, None], 1e-5 * np.abs(terms).sum(axis=2) * scale + 1e-30, exact
+        for g in range(ng):
+            acc = acc + (d_w[None, :, g] * x_g[:, None, g]) * sums[:, :, g].astype(np.float32)
+        exact = (acc * x_row[:, None]).astype(np.float32)
+        terms = d_w[None].astype(np.float64) * x_g[:, None, :].astype(np.float64) * sums
+        scale = np.abs(x_row).astype(np.float64)[:, None]
+        return terms.sum(axis=2) * x_row[:, None], 1e-5 * np.abs(terms).sum(axis=2) * scale + 1e-30, exact
     # SDR: exact integer totals, then (float)total * (s_w * d_x) in float32
     if act_bits == 4:
         xq, xd, xe = quantize_acts_sdr4_row(x, group)
@@ -340,7 +392,7 @@ def _matmul_specs():
             for rows, cols, n in shapes:
                 kinds = list(wk_q)
                 for e_w in (1, 2, 3):
-                    kinds.append(f"raw-w{e_w}a{(e_w + k) % 3 + 1}{'sd'[(e_w + k + act_bits // 4) % 2]}")
+                    kinds.append(f"raw-w{e_w}a{(e_w + k) % 3 + 1}{'sdg'[(e_w + k + act_bits // 4) % 3]}")
                 kinds.append(f"max-w{k % 3 + 1}a{(k + 1) % 3 + 1}")
                 for j, wk in enumerate(kinds):
                     specs.append(("fp4", cols if group == "cols" else group, act_bits, rows, cols, n, wk,
@@ -356,6 +408,31 @@ def _matmul_specs():
     specs.append(("fp4", 32, 8, 5, 2048, 2, "max-w3a2", "max"))
     for act_bits in (8, 4):
         specs.append(("fp4", 1 << 16, act_bits, 2, 1 << 16, 1, "max-w3a2", "max"))
+    # SQ: every group size with 0, 1, 2, 4 and G slots per group; for each (group, k, act_bits) the converter's
+    # output for each weight kind, random codes / slots / hot channels, and every code and slot at an extreme against
+    # the extreme activation codes ("max" for 8-bit, "hotmax" for 4-bit), over weight and activation row counts
+    # hitting every tile tail (each group's first shape runs 1x4, 4x1 and 1x1 tiles)
+    sq_shapes = {32: [(7, 64, 5), (1, 96, 3), (6, 128, 8), (3, 192, 65)],
+                 64: [(5, 192, 6), (2, 64, 1), (9, 128, 4)],
+                 96: [(6, 192, 7), (3, 96, 2), (4, 576, 5)],
+                 128: [(7, 256, 9), (4, 384, 1), (2, 128, 3)],
+                 256: [(5, 512, 6), (1, 256, 4), (10, 256, 3)]}
+    step = 0
+    for act_bits in (8, 4):
+        x_max = "max" if act_bits == 8 else "hotmax"
+        for group, shapes in sq_shapes.items():
+            for k in (0, 1, 2, 4, group):
+                for j, how in enumerate(wk_q + ["raw", "max", "min"]):
+                    rows, cols, n = shapes[(j + step) % len(shapes)]
+                    xk = x_max if how in ("max", "min") else xkinds[(j + step) % 5]
+                    specs.append(("sq", group, act_bits, rows, cols, n, f"{how}-k{k}", xk))
+                step += 1
+    # SQ largest sums over long rows: G slots per group at -127 (or +127) on top of the extreme codes
+    for group in (32, 256):
+        for act_bits in (8, 4):
+            x_max = "max" if act_bits == 8 else "hotmax"
+            for how in ("max", "min"):
+                specs.append(("sq", group, act_bits, 5, 2048, 5, f"{how}-k{group}", x_max))
     return specs
 
 
@@ -373,7 +450,7 @@ def _case_data(index, spec):
     rng = np.random.default_rng(1000 + index)
     w = _weight(wk, rows, cols, rng)
     wbytes, parts = _encode(t, wk, w, group, rng)
-    return np.ascontiguousarray(wbytes, np.uint8), parts, _acts(xk, n, cols, rng)
+    return np.ascontiguousarray(wbytes, np.uint8), parts, _acts(xk, n, cols, rng, parts.get("hot"))
 
 
 def _vec_data(length):
@@ -487,7 +564,7 @@ def test_neon_matmul(neon_run, cpu, index):
     for name, y in (("scalar", scalar), ("neon", neon)):
         err = np.abs(y.astype(np.float64) - want)
         assert np.all(err <= bound), f"{name} vs numpy: worst error / bound {float(np.max(err / bound)):.3g}"
-    if t in ("q8", "int4", "fp4"):   # the same integer sums and the same float ops, in the same order
+    if t in ("q8", "int4", "fp4", "sq"):   # the same integer sums and the same float ops, in the same order
         np.testing.assert_array_equal(neon.view(np.uint32), scalar.view(np.uint32), err_msg="NEON vs scalar")
     else:
         assert np.all(np.abs(neon.astype(np.float64) - scalar) <= 2 * bound)

@@ -6,6 +6,8 @@
     quantize(w, group) -> np.uint8 array the exact bytes of the tensor (w: float32, 2-D); a format with
                          CALIBRATED = True also takes calib= (a Calibration: the converter's --calib)
     dequantize(buf, rows, cols, group)   float32 (rows, cols): the numpy reference the kernels are tested against
+A format with DEFAULT_SPARSE (sq) also takes sparse= (the converter's --sparse) in quantize, and its nbytes the
+k = slots_for(group, sparse) that follows from it.
 
 Adding a format is adding a module and a row in FORMATS.
 """
@@ -49,9 +51,9 @@ def scales_then_codes(d16, codes, total):
     return out
 
 
-from . import f16, f32, fp4, int4, q8, sdr  # noqa: E402  (the format modules use align64)
+from . import f16, f32, fp4, int4, q8, sdr, sq  # noqa: E402  (the format modules use align64)
 
-FORMATS = {"f32": f32, "f16": f16, "q8": q8, "sdr": sdr, "int4": int4, "fp4": fp4}
+FORMATS = {"f32": f32, "f16": f16, "q8": q8, "sdr": sdr, "int4": int4, "fp4": fp4, "sq": sq}
 # the 4-bit formats keep the token embedding and the output head (and any matrix whose shape they cannot hold)
 # in this format at the same group size, as llama.cpp keeps them at 6-8 bits
 FOUR_BIT_FALLBACK = "q8"

@@ -12,9 +12,12 @@ sum_j W_ij 2^-k_j code_j: the 2^-k_j is folded into the weight as LLM-FP4 folds 
 but applied in the integer domain to the other factor, as the activation lane lut[code_j] << (K - k_j) with K
 the layout's largest offset, so the weights keep 4-bit storage and the product is the same.
 
-The activation scale is dynamic (per row: c * max_j |2^k_j x_j| / max code, c a searched clipping ratio) or
-static (one calibrated scale for every row, as LLM-FP4 has it); the converter searches both per tensor on
-calibration inputs.
+The activation scale is static (one calibrated scale for every row, as LLM-FP4 has it), dynamic per row
+(c * max_j |2^k_j x_j| / max code, c a searched clipping ratio), or dynamic per group of the weight's group
+size (the same formula over the group; the kernel then multiplies d_w * d_x per group, as INT4 does). One scale
+per row fails when a few channels are hundreds of times larger than the rest on some tokens (Qwen2.5's
+down_proj inputs): every other channel of that row lands in the zero code. The converter searches all three per
+tensor on calibration inputs; without calibration it writes per-group scales, the smallest error on any input.
 
 Layout (docs/FORMAT.md): a 64-byte header, the offset plane (cols bytes, padded to 64), the f16 scale plane
 (padded to 64), then the nibble plane (nibbles.py) holding the codes 0..15 (bit 3 the sign).
@@ -33,8 +36,8 @@ GROUP_MULTIPLE = 32           # groups are whole 32-value runs of the nibble pla
 HEADER_BYTES = 64
 EXPONENTS = (1, 2, 3)         # E1M2, E2M1, E3M0
 NAMES = {1: "E1M2", 2: "E2M1", 3: "E3M0"}
-STATIC, DYNAMIC = 0, 1
-ACT_MODES = (DYNAMIC, STATIC)  # what the converter searches
+STATIC, DYNAMIC, GROUPED = 0, 1, 2   # activation scale: one calibrated unit, one per row, one per weight group
+ACT_MODES = (DYNAMIC, STATIC, GROUPED)  # what the converter searches
 SCALE_CANDIDATES = np.linspace(0.55, 1.0, 10, dtype=np.float32)       # weight clipping, per group
 ACT_CLIP_CANDIDATES = np.float32([1.0, 0.85, 0.7, 0.55, 0.4, 0.3, 0.2])  # activation clipping, per tensor
 SAMPLE_ROWS = 128             # calibration input rows the activation search runs on
@@ -122,37 +125,50 @@ def dequantize_weights(d16, codes, group, e):
 
 
 # ---- activations (the numpy twin of the C quantizer QRZ_ACTS_FP4) ----
-def act_shifts(absmax, clip, e):
-    """per input channel k_j = clamp(floor(log2(clip * max_j absmax / absmax_j)), 0, K): each channel raised by a
-    power of two as far as it stays under the tensor's clipping level"""
+def act_shifts(absmax, clip, e, group=None):
+    """per input channel k_j = clamp(floor(log2(clip * max absmax / absmax_j)), 0, K), the max over the tensor
+    (or over j's group of `group` channels): each channel raised by a power of two as far as it stays under the
+    clipping level of the span that shares its scale"""
     absmax = np.asarray(absmax, np.float64)
-    level = float(clip) * absmax.max()
+    if group is None:
+        level = float(clip) * absmax.max()
+    else:
+        level = float(clip) * np.repeat(absmax.reshape(-1, group).max(axis=1), group)
     with np.errstate(divide="ignore", invalid="ignore"):   # zero or infinite maxima: nan_to_num below
         k = np.floor(np.log2(level / absmax))
     return np.clip(np.nan_to_num(k, nan=0.0, posinf=99, neginf=0), 0, max_act_shift(e)).astype(np.uint8)
 
 
-def quantize_acts(x, e, mode, scale, shifts):
-    """x (n, cols) float32 -> (lanes int8 (n, cols), d float32 (n,)): x_j ~ d * lanes_j. mode DYNAMIC: the row's
-    scale is scale * max|2^k x| / top (scale a clipping ratio); STATIC: scale is the code unit itself."""
+def quantize_acts(x, e, mode, scale, shifts, group=None):
+    """x (n, cols) float32 -> (lanes int8 (n, cols), d float32 (n,), or (n, cols // group) for GROUPED):
+    x_j ~ d * lanes_j. DYNAMIC: the row's scale is scale * max|2^k x| / top (scale a clipping ratio); GROUPED: the
+    same per group of `group` columns; STATIC: scale is the code unit itself."""
     x = np.asarray(x, np.float32)
+    n, cols = x.shape
     K = max_act_shift(e)
     top = np.float32(codebook(e)[-1])
     xs = x * (np.float32(2.0) ** shifts.astype(np.float32))[None, :]
-    if mode == DYNAMIC:
-        s = (np.abs(xs).max(axis=1) * np.float32(scale) / top).astype(np.float32)
+    span = group if mode == GROUPED else cols
+    if mode == GROUPED and (group is None or cols % group):
+        raise ValueError(f"per-group FP4 activations need a group size dividing {cols}, got {group}")
+    spans = xs.reshape(n, cols // span, span)
+    if mode == STATIC:
+        s = np.full(spans.shape[:2], np.float32(scale), np.float32)
     else:
-        s = np.full(x.shape[0], np.float32(scale), np.float32)
+        s = (np.abs(spans).max(axis=2) * np.float32(scale) / top).astype(np.float32)
     with np.errstate(divide="ignore"):
         inv = np.where(s > 0, np.float32(1) / s, np.float32(0)).astype(np.float32)
-    codes = encode(xs * inv[:, None], e)
+    codes = encode((spans * inv[:, :, None]).reshape(n, cols), e)
     lanes = signed_lut(e)[codes] << (K - shifts.astype(np.int32))[None, :]
-    return lanes.astype(np.int8), (s * np.float32(2.0 ** -K)).astype(np.float32)
+    d = (s * np.float32(2.0 ** -K)).astype(np.float32)
+    return lanes.astype(np.int8), (d if mode == GROUPED else d[:, 0])
 
 
-def dequantize_acts(x, e, mode, scale, shifts):
-    lanes, d = quantize_acts(x, e, mode, scale, shifts)
-    return d[:, None] * lanes.astype(np.float32)
+def dequantize_acts(x, e, mode, scale, shifts, group=None):
+    lanes, d = quantize_acts(x, e, mode, scale, shifts, group)
+    n, cols = lanes.shape
+    d = d.reshape(n, -1)
+    return (np.repeat(d, cols // d.shape[1], axis=1) * lanes.astype(np.float32))
 
 
 # ---- the search ----
@@ -176,32 +192,41 @@ def search_weights(w, group, gram=None):
     return best[1:]
 
 
-def search_acts(w_hat, absmax, samples):
+def _act_candidates(absmax, group, e):
+    """(mode, scale, shifts) the activation search tries for layout e (modes in ACT_MODES): per clipping ratio, a
+    static and a per-row scale with offsets under the tensor's level, and per-group scales with offsets under
+    each group's level and with none"""
+    top = float(codebook(e)[-1])
+    zero = np.zeros(len(absmax), np.uint8)
+    for clip in ACT_CLIP_CANDIDATES:
+        shifts = act_shifts(absmax, clip, e)
+        if DYNAMIC in ACT_MODES:
+            yield DYNAMIC, float(clip), shifts
+        scale = float(np.float32(clip * float(np.max(absmax)) / top))
+        if STATIC in ACT_MODES and scale > 0 and np.isfinite(scale):   # the loader refuses other static scales
+            yield STATIC, scale, shifts
+        if GROUPED in ACT_MODES:
+            yield GROUPED, float(clip), act_shifts(absmax, clip, e, group)
+            yield GROUPED, float(clip), zero
+
+
+def search_acts(w_hat, absmax, samples, group):
     """the activation layout, offsets, mode and scale whose quantized inputs, through the quantized weights
     w_hat, give outputs nearest the float ones on the calibration sample rows -> (e, mode, scale, shifts)"""
     x = np.asarray(samples, np.float32)
     ref = x @ w_hat.T
     best = None
     for e in EXPONENTS:
-        top = float(codebook(e)[-1])
-        for clip in ACT_CLIP_CANDIDATES:
-            shifts = act_shifts(absmax, clip, e)
-            for mode in ACT_MODES:
-                if mode == DYNAMIC:
-                    scale = float(clip)
-                else:
-                    scale = float(np.float32(clip * float(np.max(absmax)) / top))
-                    if not (scale > 0 and np.isfinite(scale)):   # the loader refuses any other static scale
-                        continue
-                y = dequantize_acts(x, e, mode, scale, shifts) @ w_hat.T
-                err = float(((y - ref).astype(np.float64) ** 2).sum())
-                if best is None or err < best[0]:
-                    best = (err, e, mode, scale, shifts)
+        for mode, scale, shifts in _act_candidates(np.asarray(absmax, np.float64), group, e):
+            y = dequantize_acts(x, e, mode, scale, shifts, group) @ w_hat.T
+            err = float(((y - ref).astype(np.float64) ** 2).sum())
+            if best is None or err < best[0]:
+                best = (err, e, mode, scale, shifts)
     return best[1:]
 
 
 # ---- bytes ----
-def pack(e_w, d16, codes, e_a=2, mode=DYNAMIC, scale=1.0, shifts=None):
+def pack(e_w, d16, codes, e_a=2, mode=GROUPED, scale=1.0, shifts=None):
     rows, cols = codes.shape
     group = cols // d16.shape[1]
     out = np.zeros(nbytes(rows, cols, group), np.uint8)
@@ -232,8 +257,9 @@ def unpack(buf, rows, cols, group):
 
 
 def quantize(w, group, calib=None):
-    """the tensor's bytes. Without calibration: the layout and scales of the smallest weight error, dynamic
-    activations with no channel offsets; with it (a Calibration), LLM-FP4's search against the layer's output."""
+    """the tensor's bytes. Without calibration: the layout and scales of the smallest weight error, E2M1
+    activations with per-group scales and no channel offsets; with it (a Calibration), LLM-FP4's search against the
+    layer's output."""
     w = np.ascontiguousarray(w, np.float32)
     rows, cols = w.shape
     nbytes(rows, cols, group)
@@ -242,7 +268,7 @@ def quantize(w, group, calib=None):
     if calib is None or calib.absmax is None or calib.samples is None or not np.max(calib.absmax) > 0:
         return pack(e_w, d16, codes)
     w_hat = dequantize_weights(d16, codes, group, e_w)
-    e_a, mode, scale, shifts = search_acts(w_hat, calib.absmax, calib.samples)
+    e_a, mode, scale, shifts = search_acts(w_hat, calib.absmax, calib.samples, group)
     return pack(e_w, d16, codes, e_a, mode, scale, shifts)
 
 

@@ -7,7 +7,8 @@
  * CASES (little-endian): "QRZK", u32 version (1), u32 n_cases, u32 0, then per case a 48-byte header
  *   i32 kind, i32 type, i32 group, i32 act_bits, i64 rows, i64 cols, i64 n, u64 wlen
  * followed by wlen weight bytes and n * cols float32 activations.
- *   kind 0, matmul: the weight bytes are a tensor of `type`.
+ *   kind 0, matmul: the weight bytes are a tensor of `type`, exactly qrz_tensor_nbytes_of bytes (a type with a
+ *   header, SQ, sets its size there: qrz_tensor_nbytes is 0 for it).
  *   kind 1, vector ops: n = 3 rows (a, b, y) of cols floats; the weight bytes are the float32 alpha.
  * OUT: "QRZO", u32 n_cases, i32 qrz_isa_default(), i32 NEON kernels use SDOT, i32 qrz_isa_supported(NEON), then
  * per case i32 status scalar, i32 status neon, i32 neon kernel registered, i32 0, and
@@ -43,7 +44,7 @@ static void fill_nan(float *y, size_t n) { for (size_t k = 0; k < n; k++) y[k] =
 static int neon_split(const case_header *h, const void *wdata, const float *x, float *y) {
     const int path = qrz_act_path(h->type, h->act_bits);
     qrz_weight w = {h->type, h->group, h->rows, h->cols, wdata, -1};
-    qrz_acts a = {h->n, h->cols, x, qrz_types[h->type].acts[path], NULL, NULL, NULL, h->group, wdata};
+    qrz_acts a = {h->n, h->cols, x, qrz_acts_kind_for(&w, path), NULL, NULL, NULL, h->group, wdata};
     if (a.kind != QRZ_ACTS_F32) {
         a.q = xmalloc((size_t)(h->n * h->cols));
         a.d = xmalloc((size_t)(h->n * h->cols) * sizeof(float));
@@ -91,6 +92,15 @@ int main(int argc, char **argv) {
             return 2;
         }
         if (h.kind == 0) {
+            /* the kernels read as many bytes as the tensor's shape (and its 64-byte header, if the type has one)
+             * says: a case whose bytes disagree is a broken case file, not a kernel result */
+            const uint64_t need = qrz_tensor_nbytes_of(h.type, h.rows, h.cols, h.group,
+                                                       h.wlen >= 64 ? wbytes : NULL);
+            if (need != h.wlen) {
+                fprintf(stderr, "kernel_check: case %u: %llu weight bytes, the tensor takes %llu\n", c,
+                        (unsigned long long)h.wlen, (unsigned long long)need);
+                return 2;
+            }
             const size_t ny = (size_t)(h.n * h.rows);
             float *ys = xmalloc(ny * sizeof(float)), *yn = xmalloc(ny * sizeof(float)), *yp = xmalloc(ny * sizeof(float));
             fill_nan(ys, ny);

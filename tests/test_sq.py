@@ -1,0 +1,249 @@
+"""SQ-format (convert/formats/sq.py, type 6): the packing, the importance-chosen slots, the hot activation
+channels, and the scalar and SIMD kernels against numpy on random and edge-case data."""
+import numpy as np
+import pytest
+
+from convert.formats import sq
+from pyqrt import _native
+from pyqrt._native import lib
+from tests.test_kernels import ISAS, make_acts, make_weight, quantize_acts_q8_group
+
+TYPE = lib.QRZ_TYPE_SQ
+
+
+def _sq_bytes(rng, rows, cols, group, k, n_hot=0, d=None):
+    """SQ bytes from random codes, slots (positions anywhere in the group, duplicates included) and hot channels:
+    all of the format, not only what the converter writes"""
+    ng = cols // group
+    d = rng.uniform(0.01, 2.0, (rows, ng)).astype(np.float16) if d is None else d
+    q = rng.integers(-8, 8, (rows, cols)).astype(np.int8)
+    pos = rng.integers(0, group, (rows, ng, k)).astype(np.uint8)
+    vals = rng.integers(-127, 128, (rows, ng, k)).astype(np.int8)
+    hot = np.zeros(cols, np.uint8)
+    hot[rng.choice(cols, n_hot, replace=False)] = 1
+    return sq.pack(d, q, pos, vals, hot)
+
+
+def sq_reference(wbytes, rows, cols, group, x, act_bits):
+    """-> (exact result in float64, bound): sum_g d_w d_x (sum q x + sum_slots v x[pos]) with exact integer sums;
+    the kernels round in float32 in their own order, so they are held to a relative bound on the sum of |terms|"""
+    p = sq.unpack(wbytes, rows, cols, group)
+    ng = cols // group
+    if act_bits == 8:
+        xq, xd = quantize_acts_q8_group(x, group)
+    else:
+        xq, xd = sq.quantize_acts(x, p["hot"], group)
+    u = p["q"].astype(np.int64).reshape(rows, ng, group).copy()
+    r_idx, g_idx = np.meshgrid(np.arange(rows), np.arange(ng), indexing="ij")
+    for s in range(p["k"]):
+        np.add.at(u, (r_idx, g_idx, p["pos"][:, :, s].astype(np.int64)), p["vals"][:, :, s].astype(np.int64))
+    xq = xq.astype(np.int64).reshape(len(x), ng, group)
+    sums = np.einsum("rgk,igk->irg", u, xq).astype(np.float64)
+    scale = p["d16"].astype(np.float64)[None] * xd.astype(np.float64)[:, None, :]
+    mag = (np.einsum("rgk,igk->irg", np.abs(u), np.abs(xq)) * np.abs(scale)).sum(axis=2)
+    return (sums * scale).sum(axis=2), 2e-6 * mag + 1e-30
+
+
+CASES = [
+    # group, slots per group, weight rows, cols, activation rows
+    (32, 1, 7, 64, 1), (32, 2, 33, 96, 5), (32, 0, 3, 576, 65), (64, 2, 5, 128, 3), (64, 1, 65, 640, 7),
+    (64, 4, 1, 2048, 33), (96, 3, 3, 192, 4), (128, 4, 7, 384, 5), (256, 8, 9, 512, 2), (64, 64, 3, 128, 4),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("act_bits", [8, 4])
+@pytest.mark.parametrize("kind", ["random", "zeros", "extremes", "outlier", "tiny"])
+@pytest.mark.parametrize("group,k,rows,cols,n", CASES)
+def test_sq_matmul_matches_numpy(isa, act_bits, kind, group, k, rows, cols, n):
+    rng = np.random.default_rng(hash((isa, act_bits, kind, group, k, rows, cols, n)) % 2**32)
+    x = make_acts(kind, n, cols, rng)
+    if kind == "random":
+        wbytes = _sq_bytes(rng, rows, cols, group, k, n_hot=int(rng.integers(0, cols // 8 + 1)))
+    else:   # the converter's output for the kind, with hot channels from the activations themselves
+        w = make_weight(kind, rows, cols, rng)
+        calib = sq.Calibration(gram=np.eye(cols, dtype=np.float32), absmax=np.abs(x).max(axis=0))
+        wbytes = sq.quantize(w, group, calib=calib, sparse=k / group)
+    got = _native.kernel_matmul(isa, TYPE, group, wbytes, rows, cols, x, act_bits)
+    assert got.shape == (n, rows) and np.all(np.isfinite(got))
+    want, bound = sq_reference(wbytes, rows, cols, group, x, act_bits)
+    assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) / bound))
+
+
+@pytest.mark.parametrize("act_bits", [8, 4])
+@pytest.mark.parametrize("group,k,rows,cols,n", CASES)
+def test_sq_simd_matches_scalar(act_bits, group, k, rows, cols, n):
+    """the SIMD kernels' integer group sums are exact; only the order of the float multiply-adds differs"""
+    if len(ISAS) < 2:
+        pytest.skip("this CPU has no SIMD path to compare")
+    rng = np.random.default_rng(23 + k)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    wbytes = _sq_bytes(rng, rows, cols, group, k, n_hot=cols // 16)
+    ref = _native.kernel_matmul("scalar", TYPE, group, wbytes, rows, cols, x, act_bits)
+    _, bound = sq_reference(wbytes, rows, cols, group, x, act_bits)
+    for isa in ISAS[1:]:
+        got = _native.kernel_matmul(isa, TYPE, group, wbytes, rows, cols, x, act_bits)
+        assert np.all(np.abs(got - ref) <= 2 * bound)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("act_bits", [8, 4])
+def test_sq_largest_sums(isa, act_bits):
+    """every dense code -8, every slot +-127 on hot channels at their extreme: the int16 pair sums of the SIMD
+    kernels and the int32 group sums reach their bounds and stay exact"""
+    rows, cols, group, k = 3, 2048, 256, 16
+    ng = cols // group
+    q = np.full((rows, cols), -8, np.int8)
+    pos = np.tile(np.arange(0, group, group // k, dtype=np.uint8), (rows, ng, 1))
+    vals = np.full((rows, ng, k), 127, np.int8)
+    vals[1] = -127
+    hot = np.zeros(cols, np.uint8)
+    hot[(np.arange(ng)[:, None] * group + pos[0, 0][None, :]).reshape(-1)] = 1
+    wbytes = sq.pack(np.ones((rows, ng), np.float16), q, pos, vals, hot)
+    x = np.full((2, cols), -1e6, np.float32)
+    x[1, ::2] = 1e6
+    got = _native.kernel_matmul(isa, TYPE, group, wbytes, rows, cols, x, act_bits)
+    want, bound = sq_reference(wbytes, rows, cols, group, x, act_bits)
+    assert np.all(np.abs(got - want) <= bound)
+
+
+def test_sq_act_twin_matches_the_c_quantizer():
+    """the numpy twin gives the C codes exactly: with weights that are 1 at a single column (code 1, scale 1, no
+    slots), the kernel's output is the activation's dequantized value there, column by column"""
+    rng = np.random.default_rng(5)
+    cols, group = 256, 64
+    x = np.concatenate([rng.standard_normal((3, cols)) * 3, rng.standard_normal((1, cols)) * 1e-30,
+                        np.zeros((1, cols)), make_weight("extremes", 1, cols, rng),
+                        np.round(rng.standard_normal((2, cols)) * 8) / 2]).astype(np.float32)   # exact ties
+    x[0, 5] = 400.0                                                                          # a hot outlier
+    q = np.zeros((cols, cols), np.int8)
+    q[np.arange(cols), np.arange(cols)] = 1
+    empty = np.zeros((cols, cols // group, 0), np.uint8)
+    for n_hot in (0, 3, 40, cols):
+        hot = np.zeros(cols, np.uint8)
+        hot[rng.choice(cols, n_hot, replace=False)] = 1
+        hot[5] = 1 if n_hot else 0
+        wbytes = sq.pack(np.ones((cols, cols // group), np.float16), q, empty, empty.view(np.int8), hot)
+        got = _native.kernel_matmul("scalar", TYPE, group, wbytes, cols, cols, x, 4)
+        np.testing.assert_array_equal(got, sq.dequantize_acts(x, hot, group))
+
+
+def test_sq_pack_round_trip_and_dequant_row():
+    rng = np.random.default_rng(6)
+    for group, k in ((32, 1), (64, 2), (96, 0), (256, 5)):
+        rows, cols = 5, 2 * max(group, 96)
+        cols -= cols % group
+        wbytes = _sq_bytes(rng, rows, cols, group, k, n_hot=3)
+        assert wbytes.nbytes == sq.nbytes(rows, cols, group, k) == lib.qrz_tensor_nbytes_of(
+            TYPE, rows, cols, group, _native.ffi.from_buffer(wbytes))
+        assert lib.qrz_tensor_nbytes(TYPE, rows, cols, group) == 0          # the size is in the header
+        p = sq.unpack(wbytes, rows, cols, group)
+        again = sq.pack(p["d16"], p["q"], p["pos"], p["vals"], p["hot"])
+        np.testing.assert_array_equal(again, wbytes)
+        want = sq.dequantize(wbytes, rows, cols, group)
+        for r in range(rows):
+            np.testing.assert_array_equal(_native.kernel_dequant_row(TYPE, group, wbytes, rows, cols, r), want[r])
+
+
+def test_sq_slots_are_the_most_important_weights():
+    """without calibration the slots are each group's largest |w|; with it, |w| times the channel's RMS, so a
+    channel the inputs use heavily takes the slots; either way the output error is below INT4's at the same
+    group size and the slot values are in the dense unit (a slot weight dequantizes within d / 2)"""
+    from convert.formats import int4
+    rng = np.random.default_rng(7)
+    rows, cols, group, k = 32, 256, 64, 2
+    w = (rng.standard_t(3, (rows, cols)) * 0.02).astype(np.float32)
+    d16, q, pos, vals = sq.quantize_parts(w, group, k)
+    g = np.abs(w).reshape(rows, -1, group)
+    top = np.sort(np.argsort(-g, axis=2, kind="stable")[:, :, :k], axis=2)
+    np.testing.assert_array_equal(np.sort(pos, axis=2), top)
+    assert np.all(q.reshape(rows, -1, group)[np.arange(rows)[:, None, None], np.arange(cols // group)[None, :, None],
+                                              pos.astype(np.int64)] == 0)
+    wd = sq.dequantize_parts(d16, q, pos, vals, group)
+    slot_w = np.take_along_axis(w.reshape(rows, -1, group), pos.astype(np.int64), axis=2)
+    slot_wd = np.take_along_axis(wd.reshape(rows, -1, group), pos.astype(np.int64), axis=2)
+    assert np.all(np.abs(slot_wd - slot_w) <= d16.astype(np.float32)[:, :, None] * 0.5 + 1e-7)
+
+    x = rng.standard_normal((512, cols)).astype(np.float32)
+    x[:, 3] *= 30.0                                                           # a heavily used input channel
+    gram = x.T @ x / len(x)
+    d16c, qc, posc, valsc = sq.quantize_parts(w, group, k, np.diag(gram))
+    assert np.all(np.any(posc[:, 0, :] == 3, axis=1))                         # every row keeps channel 3 exact
+
+    def out_err(wq):
+        delta = wq - w
+        return float(np.einsum("rc,cd,rd->", delta, gram, delta))
+    int4_err = out_err(int4.dequantize(int4.quantize(w, group), rows, cols, group))
+    assert out_err(sq.dequantize_parts(d16c, qc, posc, valsc, group)) < 0.5 * int4_err
+    assert out_err(wd) < int4_err
+
+
+def test_sq_hot_channels_lower_the_w4a4_error():
+    """activations with a few outlier channels (as the inputs of real down_proj layers): the channels the
+    calibration finds hot stay 8-bit, and the layer's output through the kernel on held-out rows has a much
+    smaller error than with no hot channels"""
+    rng = np.random.default_rng(8)
+    rows, cols, n, group = 48, 512, 512, 64
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    x = rng.standard_normal((2 * n, cols)).astype(np.float32)
+    x[:, [7, 300]] *= 60.0
+    fit, held = x[:n], x[n:]
+    calib = sq.Calibration(gram=fit.T @ fit / n, absmax=np.abs(fit).max(axis=0))
+    wbytes = sq.quantize(w, group, calib=calib)
+    p = sq.unpack(wbytes, rows, cols, group)
+    assert p["hot"][7] == 1 and p["hot"][300] == 1 and p["hot"].sum() == round(cols * sq.DEFAULT_SPARSE)
+    plain = sq.pack(p["d16"], p["q"], p["pos"], p["vals"])
+    y = held @ sq.dequantize(wbytes, rows, cols, group).T
+    err = {name: float(((_native.kernel_matmul("scalar", TYPE, group, b, rows, cols, held, 4) - y) ** 2).sum())
+           for name, b in (("hot", wbytes), ("plain", plain))}
+    assert err["hot"] < 0.3 * err["plain"], err
+
+
+def test_sq_bits_per_weight_and_sparse_fraction():
+    rows, cols = 896, 4864
+    assert sq.slots_for(64, sq.DEFAULT_SPARSE) == 2
+    assert sq.bits_per_weight(rows, cols, 64, 2) < 4.76
+    assert sq.bits_per_weight(rows, cols, 64, 3) > 5.0                          # past the issue's budget
+    with pytest.raises(ValueError):
+        sq.slots_for(64, 1.5)
+    with pytest.raises(ValueError):
+        sq.nbytes(4, 96, 48, 1)                                                 # not a multiple of 32
+    with pytest.raises(ValueError):
+        sq.nbytes(4, 512, 512, 1)                                               # positions are bytes
+
+
+def test_sq_bad_headers_rejected():
+    rng = np.random.default_rng(9)
+    rows, cols, group, k = 4, 128, 64, 2
+    x = np.ones((1, cols), np.float32)
+    good = _sq_bytes(rng, rows, cols, group, k, n_hot=2)
+    assert _native.kernel_matmul("scalar", TYPE, group, good, rows, cols, x, 4).shape == (1, rows)
+    p = sq.unpack(good, rows, cols, group)
+    slot_off = sq.HEADER_BYTES + 128 + 64   # header, hot plane, scale plane (4 * 2 * 2 bytes, padded)
+    bad = []
+    b = good.copy(); b[sq.HEADER_BYTES + 1] = 2; bad.append(b)                  # a hot flag of 2
+    b = good.copy(); b[4] = 3; bad.append(b)                                    # hot count disagrees
+    b = good.copy(); b[slot_off] = group; bad.append(b)                         # a position past the group
+    b = good.copy(); b[slot_off + 1] = 0x80; bad.append(b)                      # a slot value of -128
+    assert p["pos"][0, 0, 0] == good[slot_off]
+    for b in bad:
+        for act_bits in (8, 4):
+            with pytest.raises(ValueError):
+                _native.kernel_matmul("scalar", TYPE, group, b, rows, cols, x, act_bits)
+    b = good.copy(); b[0:2] = np.array([group + 1], "<u2").view(np.uint8)         # more slots than the group
+    with pytest.raises(ValueError):
+        _native.kernel_matmul("scalar", TYPE, group, b, rows, cols, x, 8)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("act_bits", [8, 4])
+def test_sq_kernels_are_batch_invariant(isa, act_bits):
+    rng = np.random.default_rng(12)
+    rows, cols, n = 24, 384, 9
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    for k in (0, 2, 5):
+        wbytes = _sq_bytes(rng, rows, cols, 64, k, n_hot=9)
+        whole = _native.kernel_matmul(isa, TYPE, 64, wbytes, rows, cols, x, act_bits)
+        for i0, i1 in [(0, 1), (1, 3), (3, 7), (7, 9)]:
+            np.testing.assert_array_equal(_native.kernel_matmul(isa, TYPE, 64, wbytes, rows, cols, x[i0:i1],
+                                                                act_bits), whole[i0:i1])

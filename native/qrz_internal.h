@@ -139,11 +139,13 @@ typedef struct {
     const uint8_t *codes;         /* [rows][cols/2] nibble plane of codes */
 } qrz_fp4_view;
 qrz_fp4_view qrz_fp4_split(const uint8_t *data, int64_t rows, int64_t cols, int32_t group);
-/* SQ (docs/FORMAT.md): a 64-byte header (u16 k slots per group, u16 0, u32 hot channels), the hot plane, the f16
- * scale plane, the slot plane of (u8 position, i8 value) pairs, the nibble plane; w = d * (q + slot values) */
+/* SQ (docs/FORMAT.md): a 64-byte header (u16 k slots per group, u16 0, u32 hot channels, f32 cold clipping), the
+ * hot plane, the f16 scale plane, the slot plane of (u8 position, i8 value) pairs, the nibble plane;
+ * w = d * (q + slot values) */
 #define QRZ_SQ_HEADER 64
 typedef struct {
     int32_t k;                    /* slots per group */
+    float clip;                   /* act="4bit": the cold channels' scale is clip * their max / 7 */
     const uint8_t *hot;           /* [cols] 1 = the activation channel stays 8-bit under act="4bit" */
     const uint16_t *d;            /* [rows][cols/group] f16 scales */
     const uint8_t *slots;         /* [rows][cols/group][k][2] position in the group, int8 value */

@@ -347,7 +347,8 @@ qrz_sq_view qrz_sq_split(const uint8_t *data, int64_t rows, int64_t cols, int32_
     uint16_t k;
     memcpy(&k, data, 2);
     const uint64_t ng = (uint64_t)rows * (uint64_t)(cols / group);
-    qrz_sq_view v = {k, data + QRZ_SQ_HEADER, NULL, NULL, NULL};
+    qrz_sq_view v = {k, 1.0f, data + QRZ_SQ_HEADER, NULL, NULL, NULL};
+    memcpy(&v.clip, data + 8, 4);
     v.d = (const uint16_t *)(v.hot + align_up((uint64_t)cols, QRZ_ALIGN));
     v.slots = (const uint8_t *)v.d + align_up(ng * 2, QRZ_ALIGN);
     v.codes = v.slots + align_up(ng * k * 2, QRZ_ALIGN);
@@ -363,6 +364,7 @@ static const char *sq_check(const qrz_weight *w) {
         counted += v.hot[c];
     }
     if (counted != n_hot) return "an SQ header whose hot-channel count disagrees with its hot plane";
+    if (!(v.clip > 0.0f && v.clip <= 1.0f)) return "an SQ activation clipping outside (0, 1]";
     const uint64_t n = (uint64_t)w->rows * (uint64_t)(w->cols / w->group) * (uint64_t)v.k;
     for (uint64_t s = 0; s < n; s++) {
         if (v.slots[2 * s] >= w->group) return "an SQ slot position outside its group";
@@ -481,10 +483,13 @@ static void quantize_rows_fp4(const float *x, int64_t n, int64_t cols, int32_t g
     }
 }
 
-/* SQ: per group one scale for the 4-bit cold channels and the int8 hot ones (the weight tensor's hot plane) */
+/* SQ: per group one scale for the 4-bit cold channels (clipped by the tensor's clip) and the int8 hot ones (the
+ * weight tensor's hot plane) */
 static void quantize_groups_sq4(const float *x, int64_t n, int64_t cols, int32_t group, const uint8_t *params,
                                 int8_t *q, float *d) {
     const uint8_t *hot = params + QRZ_SQ_HEADER;
+    float clip;
+    memcpy(&clip, params + 8, 4);
     const int64_t ng = cols / group;
     for (int64_t i = 0; i < n; i++)
         for (int64_t g = 0; g < ng; g++) {
@@ -496,7 +501,7 @@ static void quantize_groups_sq4(const float *x, int64_t n, int64_t cols, int32_t
                 if (hg[k]) warm = fmaxf(warm, fabsf(xg[k]));
                 else cold = fmaxf(cold, fabsf(xg[k]));
             }
-            const float dg = fmaxf(cold / 7.0f, warm / 127.0f), inv = dg > 0.0f ? 1.0f / dg : 0.0f;
+            const float dg = fmaxf(clip * cold / 7.0f, warm / 127.0f), inv = dg > 0.0f ? 1.0f / dg : 0.0f;
             d[i * ng + g] = dg;
             for (int32_t k = 0; k < group; k++) {
                 const float u = nearbyintf(xg[k] * inv);

@@ -276,7 +276,7 @@ def test_fp4_header_out_of_range_is_refused(tmp_path, at, value, why):
 
 @pytest.mark.parametrize("at,why", [(None, None), ("k", "bytes recorded"), ("hot", "hot-channel flag"),
                                     ("count", "hot-channel count"), ("pos", "slot position"),
-                                    ("value", "slot value")])
+                                    ("value", "slot value"), ("clip", "activation clipping")])
 def test_sq_header_and_slots_out_of_range_are_refused(tmp_path, at, why):
     """a file with valid checksums whose SQ header claims another slot count (so its size disagrees), or whose
     hot plane, hot count, slot positions or slot values leave the format's ranges, is refused at load; the
@@ -303,6 +303,8 @@ def test_sq_header_and_slots_out_of_range_are_refused(tmp_path, at, why):
             data[4] ^= 1
         elif at == "pos":
             data[slot0] = 32
+        elif at == "clip":
+            data[8:12] = struct.pack("<f", 1.25)
         else:
             data[slot0 + 1] = 0x80
     path = _rewrite(src, tmp_path / "edited.qrz", edit_tensor=edit)

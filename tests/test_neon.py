@@ -218,7 +218,8 @@ def _encode(type_name, wkind, w, group, rng):
             if k >= 2:       # half the groups with two slots on one position (the format adds their values)
                 pos[:, :, 1] = np.where(rng.random((rows, ng)) < 0.5, pos[:, :, 0], pos[:, :, 1])
             vals = rng.integers(-127, 128, (rows, ng, k)).astype(np.int8)
-            buf = sq_format.pack(d16, q, pos, vals, (rng.random(cols) < 0.1).astype(np.uint8))
+            buf = sq_format.pack(d16, q, pos, vals, (rng.random(cols) < 0.1).astype(np.uint8),
+                                 float(rng.choice([1.0, 0.9, 0.75])))
         elif how in ("max", "min"):   # every code and slot value at an extreme, the slots on hot channels (many on
             # one position when k is large): against "max" / "hotmax" activations the largest positive (max: -8 and
             # -127) or negative (min: 7 and +127) group sums
@@ -231,7 +232,8 @@ def _encode(type_name, wkind, w, group, rng):
         else:                # the converter's output, calibrated on sample rows with a few loud channels
             samples = rng.standard_normal((16, cols)).astype(np.float32)
             samples[:, rng.integers(0, cols, max(1, cols // 32))] *= 30
-            calib = sq_format.Calibration(gram=samples.T @ samples / len(samples), absmax=np.abs(samples).max(axis=0))
+            calib = sq_format.Calibration(gram=samples.T @ samples / len(samples), absmax=np.abs(samples).max(axis=0),
+                                          samples=samples)
             buf = sq_format.quantize(w, group, calib=calib, sparse=k / group)
         p = sq_format.unpack(buf, rows, cols, group)
         assert p["k"] == k and buf.size == sq_format.nbytes(rows, cols, group, k)
@@ -240,7 +242,7 @@ def _encode(type_name, wkind, w, group, rng):
         r_idx, g_idx = np.meshgrid(np.arange(rows), np.arange(ng), indexing="ij")
         for s in range(k):
             np.add.at(u, (r_idx, g_idx, p["pos"][:, :, s].astype(np.int64)), p["vals"][:, :, s].astype(np.int64))
-        return buf, {"d": p["d16"].astype(np.float32), "q": u.reshape(rows, cols), "hot": p["hot"]}
+        return buf, {"d": p["d16"].astype(np.float32), "q": u.reshape(rows, cols), "hot": p["hot"], "clip": p["clip"]}
     raise ValueError(type_name)
 
 
@@ -294,7 +296,7 @@ def reference(type_name, group, act_bits, parts, x):
         if type_name == "int4" and act_bits == 4:
             xq, xd = quantize_acts_group(x, group, 7, -8, 7)
         elif type_name == "sq" and act_bits == 4:
-            xq, xd = sq_format.quantize_acts(x, parts["hot"], group)
+            xq, xd = sq_format.quantize_acts(x, parts["hot"], group, parts["clip"])
         else:
             xq, xd = quantize_acts_group(x, group, 127, -127, 127)
         sums = _group_sums(parts["q"], xq, group)

@@ -11,7 +11,7 @@ from tests.test_kernels import ISAS, make_acts, make_weight, quantize_acts_q8_gr
 TYPE = lib.QRZ_TYPE_SQ
 
 
-def _sq_bytes(rng, rows, cols, group, k, n_hot=0, d=None):
+def _sq_bytes(rng, rows, cols, group, k, n_hot=0, d=None, clip=1.0):
     """SQ bytes from random codes, slots (positions anywhere in the group, duplicates included) and hot channels:
     all of the format, not only what the converter writes"""
     ng = cols // group
@@ -21,7 +21,7 @@ def _sq_bytes(rng, rows, cols, group, k, n_hot=0, d=None):
     vals = rng.integers(-127, 128, (rows, ng, k)).astype(np.int8)
     hot = np.zeros(cols, np.uint8)
     hot[rng.choice(cols, n_hot, replace=False)] = 1
-    return sq.pack(d, q, pos, vals, hot)
+    return sq.pack(d, q, pos, vals, hot, clip)
 
 
 def sq_reference(wbytes, rows, cols, group, x, act_bits):
@@ -32,7 +32,7 @@ def sq_reference(wbytes, rows, cols, group, x, act_bits):
     if act_bits == 8:
         xq, xd = quantize_acts_q8_group(x, group)
     else:
-        xq, xd = sq.quantize_acts(x, p["hot"], group)
+        xq, xd = sq.quantize_acts(x, p["hot"], group, p["clip"])
     u = p["q"].astype(np.int64).reshape(rows, ng, group).copy()
     r_idx, g_idx = np.meshgrid(np.arange(rows), np.arange(ng), indexing="ij")
     for s in range(p["k"]):
@@ -59,10 +59,11 @@ def test_sq_matmul_matches_numpy(isa, act_bits, kind, group, k, rows, cols, n):
     rng = np.random.default_rng(hash((isa, act_bits, kind, group, k, rows, cols, n)) % 2**32)
     x = make_acts(kind, n, cols, rng)
     if kind == "random":
-        wbytes = _sq_bytes(rng, rows, cols, group, k, n_hot=int(rng.integers(0, cols // 8 + 1)))
-    else:   # the converter's output for the kind, with hot channels from the activations themselves
+        wbytes = _sq_bytes(rng, rows, cols, group, k, n_hot=int(rng.integers(0, cols // 8 + 1)),
+                           clip=float(rng.choice([1.0, 0.9, 0.7])))
+    else:   # the converter's output for the kind, with hot channels and clipping searched on the activations
         w = make_weight(kind, rows, cols, rng)
-        calib = sq.Calibration(gram=np.eye(cols, dtype=np.float32), absmax=np.abs(x).max(axis=0))
+        calib = sq.Calibration(gram=np.eye(cols, dtype=np.float32), absmax=np.abs(x).max(axis=0), samples=x)
         wbytes = sq.quantize(w, group, calib=calib, sparse=k / group)
     got = _native.kernel_matmul(isa, TYPE, group, wbytes, rows, cols, x, act_bits)
     assert got.shape == (n, rows) and np.all(np.isfinite(got))
@@ -119,13 +120,13 @@ def test_sq_act_twin_matches_the_c_quantizer():
     q = np.zeros((cols, cols), np.int8)
     q[np.arange(cols), np.arange(cols)] = 1
     empty = np.zeros((cols, cols // group, 0), np.uint8)
-    for n_hot in (0, 3, 40, cols):
+    for n_hot, clip in ((0, 1.0), (3, 1.0), (3, 0.8), (40, 0.9), (cols, 0.5), (0, 0.7)):
         hot = np.zeros(cols, np.uint8)
         hot[rng.choice(cols, n_hot, replace=False)] = 1
         hot[5] = 1 if n_hot else 0
-        wbytes = sq.pack(np.ones((cols, cols // group), np.float16), q, empty, empty.view(np.int8), hot)
+        wbytes = sq.pack(np.ones((cols, cols // group), np.float16), q, empty, empty.view(np.int8), hot, clip)
         got = _native.kernel_matmul("scalar", TYPE, group, wbytes, cols, cols, x, 4)
-        np.testing.assert_array_equal(got, sq.dequantize_acts(x, hot, group))
+        np.testing.assert_array_equal(got, sq.dequantize_acts(x, hot, group, clip))
 
 
 def test_sq_pack_round_trip_and_dequant_row():
@@ -133,12 +134,12 @@ def test_sq_pack_round_trip_and_dequant_row():
     for group, k in ((32, 1), (64, 2), (96, 0), (256, 5)):
         rows, cols = 5, 2 * max(group, 96)
         cols -= cols % group
-        wbytes = _sq_bytes(rng, rows, cols, group, k, n_hot=3)
+        wbytes = _sq_bytes(rng, rows, cols, group, k, n_hot=3, clip=0.85)
         assert wbytes.nbytes == sq.nbytes(rows, cols, group, k) == lib.qrz_tensor_nbytes_of(
             TYPE, rows, cols, group, _native.ffi.from_buffer(wbytes))
         assert lib.qrz_tensor_nbytes(TYPE, rows, cols, group) == 0          # the size is in the header
         p = sq.unpack(wbytes, rows, cols, group)
-        again = sq.pack(p["d16"], p["q"], p["pos"], p["vals"], p["hot"])
+        again = sq.pack(p["d16"], p["q"], p["pos"], p["vals"], p["hot"], p["clip"])
         np.testing.assert_array_equal(again, wbytes)
         want = sq.dequantize(wbytes, rows, cols, group)
         for r in range(rows):
@@ -180,18 +181,21 @@ def test_sq_slots_are_the_most_important_weights():
 
 def test_sq_hot_channels_lower_the_w4a4_error():
     """activations with a few outlier channels (as the inputs of real down_proj layers): the channels the
-    calibration finds hot stay 8-bit, and the layer's output through the kernel on held-out rows has a much
-    smaller error than with no hot channels"""
+    calibration finds hot stay 8-bit (the search takes some multiple of the sparse fraction of channels, and a
+    clipping), and the layer's output through the kernel on held-out rows has a much smaller error than with no
+    hot channels and no clipping"""
     rng = np.random.default_rng(8)
     rows, cols, n, group = 48, 512, 512, 64
     w = rng.standard_normal((rows, cols)).astype(np.float32)
     x = rng.standard_normal((2 * n, cols)).astype(np.float32)
     x[:, [7, 300]] *= 60.0
     fit, held = x[:n], x[n:]
-    calib = sq.Calibration(gram=fit.T @ fit / n, absmax=np.abs(fit).max(axis=0))
+    calib = sq.Calibration(gram=fit.T @ fit / n, absmax=np.abs(fit).max(axis=0), samples=fit[:sq.SAMPLE_ROWS])
     wbytes = sq.quantize(w, group, calib=calib)
     p = sq.unpack(wbytes, rows, cols, group)
-    assert p["hot"][7] == 1 and p["hot"][300] == 1 and p["hot"].sum() == round(cols * sq.DEFAULT_SPARSE)
+    assert p["hot"][7] == 1 and p["hot"][300] == 1
+    assert p["hot"].sum() in {m * round(cols * sq.DEFAULT_SPARSE) for m in sq.HOT_MULTIPLES}
+    assert p["clip"] in [np.float32(c) for c in sq.ACT_CLIPS]
     plain = sq.pack(p["d16"], p["q"], p["pos"], p["vals"])
     y = held @ sq.dequantize(wbytes, rows, cols, group).T
     err = {name: float(((_native.kernel_matmul("scalar", TYPE, group, b, rows, cols, held, 4) - y) ** 2).sum())
@@ -225,6 +229,8 @@ def test_sq_bad_headers_rejected():
     b = good.copy(); b[4] = 3; bad.append(b)                                    # hot count disagrees
     b = good.copy(); b[slot_off] = group; bad.append(b)                         # a position past the group
     b = good.copy(); b[slot_off + 1] = 0x80; bad.append(b)                      # a slot value of -128
+    for clip in (0.0, 1.5, np.nan, -0.5):                                        # clippings outside (0, 1]
+        b = good.copy(); b[8:12] = np.array([clip], "<f4").view(np.uint8); bad.append(b)
     assert p["pos"][0, 0, 0] == good[slot_off]
     for b in bad:
         for act_bits in (8, 4):
@@ -247,3 +253,28 @@ def test_sq_kernels_are_batch_invariant(isa, act_bits):
         for i0, i1 in [(0, 1), (1, 3), (3, 7), (7, 9)]:
             np.testing.assert_array_equal(_native.kernel_matmul(isa, TYPE, 64, wbytes, rows, cols, x[i0:i1],
                                                                 act_bits), whole[i0:i1])
+
+
+def test_sq_error_feedback_lowers_the_output_error():
+    """with correlated calibration inputs, gptq_parts (error feedback on the same grids) gives a smaller layer
+    output error than rounding each weight to nearest, never a larger one for any row, and stays on the grids:
+    dense codes in -8..7 and zero at the slots"""
+    rng = np.random.default_rng(10)
+    rows, cols, group, k = 64, 256, 64, 2
+    w = (rng.standard_t(4, (rows, cols)) * 0.02).astype(np.float32)
+    mix = rng.standard_normal((cols, cols)).astype(np.float32) * 0.3 + np.eye(cols, dtype=np.float32)
+    x = (rng.standard_normal((1024, cols)).astype(np.float32) @ mix) * np.exp(rng.standard_normal(cols)).astype(np.float32)
+    gram = x.T @ x / len(x)
+
+    def row_loss(parts):
+        delta = (sq.dequantize_parts(*parts, group) - w).astype(np.float64)
+        return np.einsum("rc,rc->r", delta @ gram, delta)
+    plain = sq.quantize_parts(w, group, k, np.diag(gram))
+    fed = sq.gptq_parts(w, group, k, gram)
+    assert np.all(row_loss(fed) <= row_loss(plain) * (1 + 1e-6))
+    assert row_loss(fed).sum() < 0.9 * row_loss(plain).sum()
+    d16, q, pos, vals = fed
+    np.testing.assert_array_equal(d16, plain[0])
+    np.testing.assert_array_equal(pos, plain[2])
+    assert q.min() >= -8 and q.max() <= 7 and vals.min() >= -127
+    assert np.all(np.take_along_axis(q.reshape(rows, -1, group), pos.astype(np.int64), axis=2) == 0)

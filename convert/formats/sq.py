@@ -9,14 +9,16 @@ in the same unit d. Because a slot's value is in the dense part's unit, the kern
 group's integer sum, and the group still costs one float multiply-add.
 
 Activations (act="4bit"): the input channels found hot in calibration (the largest absmax times the weight
-column's norm; a fixed fraction of the channels, as the weight slots are of each group) stay 8-bit; the rest
-are 4-bit. Both share one scale per group, d = max(max|cold| / 7, max|hot| / 127), so a hot channel is an int8
-lane in the same unit and the kernel is the same integer multiply-accumulate. Without calibration no channel is
-hot (plain 4-bit per group). act="8bit" is int8 per group (Q8_GROUP), as for INT4.
+column's norm) stay 8-bit; the rest are 4-bit. Both share one scale per group, d = max(clip * max|cold| / 7,
+max|hot| / 127), so a hot channel is an int8 lane in the same unit and the kernel is the same integer
+multiply-accumulate. Per tensor the converter searches how many channels are hot (1, 2 or 4 times the sparse
+fraction of them) and the cold clipping (1, 0.9, 0.8) by the layer's output error on calibration rows. Without
+calibration no channel is hot and clip = 1 (plain 4-bit per group). act="8bit" is int8 per group (Q8_GROUP), as
+for INT4.
 
-Layout (docs/FORMAT.md): a 64-byte header (u16 k, u16 0, u32 the number of hot channels), the hot plane (cols
-bytes, 1 = hot, padded to 64), the f16 scale plane (padded to 64), the slot plane (per row and group k pairs of
-u8 position, i8 value; padded to 64), then the nibble plane (nibbles.py).
+Layout (docs/FORMAT.md): a 64-byte header (u16 k, u16 0, u32 the number of hot channels, f32 clip), the hot plane
+(cols bytes, 1 = hot, padded to 64), the f16 scale plane (padded to 64), the slot plane (per row and group k pairs
+of u8 position, i8 value; padded to 64), then the nibble plane (nibbles.py).
 """
 import numpy as np
 
@@ -28,11 +30,13 @@ DEFAULT_GROUP = 64
 DEFAULT_SPARSE = 1 / 32       # high-precision share of each group's weights and of the input channels
 ACTS_4BIT = True
 CALIBRATED = True
-SAMPLE_ROWS = 1               # the converter then also measures each input channel's absmax (hot channels)
+SAMPLE_ROWS = 128             # calibration input rows (and each channel's absmax) the activation search runs on
 MAX_GROUP = 256               # slot positions are bytes
 GROUP_MULTIPLE = 32
 HEADER_BYTES = 64
 SCALE_CANDIDATES = np.linspace(0.6, 1.0, 9, dtype=np.float32)   # clipping of the dense part, per group
+HOT_MULTIPLES = (1, 2, 4)     # hot channels the activation search tries: these times round(sparse * cols)
+ACT_CLIPS = (1.0, 0.9, 0.8)   # cold-channel clippings it tries
 
 
 def slots_for(group, sparse):
@@ -94,6 +98,63 @@ def quantize_parts(w, group, k, col_weight=None):
     return d16, q.astype(np.int8).reshape(rows, cols), pos, vals
 
 
+def gptq_parts(w, group, k, gram, damp=0.1, block=128):
+    """quantize_parts' grids (each group's scale and slot positions, chosen on the original weights), then the
+    codes rounded by error feedback against the calibration inputs (GPTQ's column-by-column rounding with static
+    groups, our own implementation, as sdr.gptq_parts): columns in order of decreasing input energy (diag H), each
+    rounded on its group's grid (int8 at a slot position, 4-bit elsewhere) and its error spread over the columns
+    not rounded yet through the Cholesky factor of H^-1. damp: added to H's diagonal as a fraction of its mean.
+    Each row keeps whichever of this and the plain rounding has the smaller output error (w - ŵ) H (w - ŵ)^T.
+    -> (d16, q, pos, vals) as quantize_parts"""
+    w = np.ascontiguousarray(w, np.float32)
+    rows, cols = w.shape
+    H = np.asarray(gram, np.float64)
+    diag = np.diag(H).copy()
+    plain = quantize_parts(w, group, k, np.maximum(diag, 0))
+    dead = ~(diag > 0)                               # inputs that were always zero: their weights never count
+    if dead.all():
+        return plain
+    d16, _, pos, _ = plain
+    ng = cols // group
+    is_slot = np.zeros((rows, ng, group), bool)
+    np.put_along_axis(is_slot, pos.astype(np.int64), True, axis=2)
+    is_slot = is_slot.reshape(rows, cols)
+    order = np.argsort(-diag, kind="stable")
+    where = np.empty(cols, np.int64)
+    where[order] = np.arange(cols)
+    # columns as contiguous rows, in rounding order
+    wt = np.ascontiguousarray(np.where(dead[None, :], 0, w).T[order])                          # (cols, rows)
+    step = np.ascontiguousarray(np.repeat(d16.astype(np.float32), group, axis=1).T[order])     # (cols, rows)
+    inv = np.where(step > 0, np.float32(1) / np.where(step > 0, step, 1), 0).astype(np.float32)
+    top = np.where(is_slot.T[order], np.float32(127), np.float32(7))
+    bottom = np.where(is_slot.T[order], np.float32(-127), np.float32(-8))
+    Hd = H[np.ix_(order, order)]
+    dd = dead[order]
+    Hd[dd, dd] = 1.0
+    Hd[np.diag_indices(cols)] += damp * diag[~dead].mean()
+    U = np.linalg.cholesky(np.linalg.inv(Hd)).T.astype(np.float32)   # H^-1 = U^T U, U upper
+    u = np.zeros((cols, rows), np.float32)
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        err = np.zeros((b1 - b0, rows), np.float32)
+        for j in range(b0, b1):
+            u[j] = np.clip(np.rint(wt[j] * inv[j]), bottom[j], top[j])
+            err[j - b0] = (wt[j] - u[j] * step[j]) / U[j, j]
+            if j + 1 < b1:
+                wt[j + 1:b1] -= U[j, j + 1:b1, None] * err[j - b0][None, :]
+        if b1 < cols:
+            wt[b1:] -= U[b0:b1, b1:].T @ err
+    u = u[where].T.reshape(rows, ng, group)                           # back to (rows, cols) order
+    q = np.where(is_slot.reshape(rows, ng, group), 0, u).astype(np.int8).reshape(rows, cols)
+    vals = np.take_along_axis(u, pos.astype(np.int64), axis=2).astype(np.int8)
+
+    def loss(parts):
+        delta = (dequantize_parts(*parts, group) - w).astype(np.float64)
+        return np.einsum("rc,rc->r", delta @ H, delta)
+    take = loss((d16, q, pos, vals)) <= loss(plain)
+    return (d16, np.where(take[:, None], q, plain[1]), pos, np.where(take[:, None, None], vals, plain[3]))
+
+
 def dequantize_parts(d16, q, pos, vals, group):
     rows, cols = q.shape
     ng = cols // group
@@ -116,15 +177,15 @@ def hot_channels(absmax, w, n_hot):
     return hot
 
 
-def quantize_acts(x, hot, group):
-    """x (n, cols) -> (q int8 (n, cols), d float32 (n, cols // group)): per group d = max(max|cold| / 7,
+def quantize_acts(x, hot, group, clip=1.0):
+    """x (n, cols) -> (q int8 (n, cols), d float32 (n, cols // group)): per group d = max(clip * max|cold| / 7,
     max|hot| / 127), q = round(x / d) clamped to -8..7 (cold) or -127..127 (hot)"""
     x = np.asarray(x, np.float32)
     n, cols = x.shape
     g = x.reshape(n, cols // group, group)
     h = np.asarray(hot, bool).reshape(1, cols // group, group)
     a = np.abs(g)
-    d = np.maximum(np.where(h, 0, a).max(axis=2) / np.float32(7),
+    d = np.maximum(np.float32(clip) * np.where(h, 0, a).max(axis=2) / np.float32(7),
                    np.where(h, a, 0).max(axis=2) / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore"):
         inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
@@ -133,14 +194,29 @@ def quantize_acts(x, hot, group):
     return q.astype(np.int8).reshape(n, cols), d
 
 
-def dequantize_acts(x, hot, group):
-    q, d = quantize_acts(x, hot, group)
+def dequantize_acts(x, hot, group, clip=1.0):
+    q, d = quantize_acts(x, hot, group, clip)
     n, cols = q.shape
     return (q.astype(np.float32).reshape(n, -1, group) * d[:, :, None]).reshape(n, cols)
 
 
+def search_acts(w_hat, absmax, samples, group, n_hot):
+    """the hot channels and cold clipping whose quantized inputs, through the quantized weights w_hat, give
+    outputs nearest the float ones on the calibration sample rows -> (hot (cols,) uint8, clip)"""
+    x = np.asarray(samples, np.float32)
+    ref = x @ w_hat.T
+    best = None
+    for mult in HOT_MULTIPLES:
+        hot = hot_channels(absmax, w_hat, min(mult * n_hot, x.shape[1]))
+        for clip in ACT_CLIPS:
+            err = float(((dequantize_acts(x, hot, group, clip) @ w_hat.T - ref).astype(np.float64) ** 2).sum())
+            if best is None or err < best[0]:
+                best = (err, hot, clip)
+    return best[1:]
+
+
 # ---- bytes ----
-def pack(d16, q, pos, vals, hot=None):
+def pack(d16, q, pos, vals, hot=None, clip=1.0):
     rows, cols = q.shape
     ng, k = pos.shape[1], pos.shape[2]
     group = cols // ng
@@ -148,6 +224,7 @@ def pack(d16, q, pos, vals, hot=None):
     hot = np.zeros(cols, np.uint8) if hot is None else np.asarray(hot, np.uint8)
     out[0:2] = np.array([k], "<u2").view(np.uint8)
     out[4:8] = np.array([int(hot.sum())], "<u4").view(np.uint8)
+    out[8:12] = np.array([clip], "<f4").view(np.uint8)
     off = HEADER_BYTES
     out[off:off + cols] = hot
     off += align64(cols)
@@ -166,7 +243,7 @@ def header_slots(buf):
 
 
 def unpack(buf, rows, cols, group):
-    """-> dict(k, hot (cols,), d16 (rows, ng), q (rows, cols), pos (rows, ng, k), vals (rows, ng, k))"""
+    """-> dict(k, hot (cols,), clip, d16 (rows, ng), q (rows, cols), pos (rows, ng, k), vals (rows, ng, k))"""
     buf = np.asarray(buf, np.uint8).reshape(-1)
     k = header_slots(buf)
     ng = cols // group
@@ -177,23 +254,28 @@ def unpack(buf, rows, cols, group):
     off += align64(rows * ng * 2)
     slots = buf[off:off + rows * ng * k * 2].reshape(rows, ng, k, 2)
     off += align64(rows * ng * k * 2)
-    return {"k": k, "hot": hot, "d16": d16, "q": nibbles.unpack(buf[off:], rows, cols),
+    return {"k": k, "hot": hot, "clip": float(buf[8:12].view("<f4")[0]), "d16": d16,
+            "q": nibbles.unpack(buf[off:], rows, cols),
             "pos": slots[..., 0].copy(), "vals": slots[..., 1].view(np.int8).copy()}
 
 
 def quantize(w, group, calib=None, sparse=DEFAULT_SPARSE):
     """the tensor's bytes: k = round(sparse * group) slots per group; with a Calibration, the importance and error
-    weights from its Gram matrix and round(sparse * cols) hot activation channels from its channel maxima"""
+    weights from its Gram matrix and the codes by error feedback against it (gptq_parts), and the hot activation
+    channels and cold clipping searched on its sample rows"""
     w = np.ascontiguousarray(w, np.float32)
     rows, cols = w.shape
     k = slots_for(group, sparse)
     nbytes(rows, cols, group, k)
-    col_weight = None if calib is None or calib.gram is None else np.diag(np.asarray(calib.gram, np.float32))
-    d16, q, pos, vals = quantize_parts(w, group, k, col_weight)
-    hot = None
-    if calib is not None and calib.absmax is not None and np.max(calib.absmax) > 0:
-        hot = hot_channels(calib.absmax, dequantize_parts(d16, q, pos, vals, group), int(round(sparse * cols)))
-    return pack(d16, q, pos, vals, hot)
+    if calib is None or calib.gram is None:
+        d16, q, pos, vals = quantize_parts(w, group, k)
+    else:
+        d16, q, pos, vals = gptq_parts(w, group, k, calib.gram)
+    if calib is None or calib.absmax is None or calib.samples is None or not np.max(calib.absmax) > 0:
+        return pack(d16, q, pos, vals)
+    hot, clip = search_acts(dequantize_parts(d16, q, pos, vals, group), calib.absmax, calib.samples, group,
+                            int(round(sparse * cols)))
+    return pack(d16, q, pos, vals, hot, clip)
 
 
 def dequantize(buf, rows, cols, group):

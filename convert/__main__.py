@@ -1,5 +1,6 @@
 """python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8|sdr|int4|fp4|sq [--group-size N] [--sparse S]"""
 import argparse
+import signal
 import sys
 
 from . import ConvertError, FORMATS, convert
@@ -24,6 +25,9 @@ def main(argv=None):
                              "channels whose activations stay 8-bit); default 1/32")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    # SIGTERM (kill, a job scheduler, a CI timeout) exits through Python, so the writer's and the calibration's
+    # clean-up runs and no half-written file or temporary model is left behind, as for Ctrl-C
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     try:
         path = convert(args.model_dir, args.out, fmt=args.format, group_size=args.group_size, calib=args.calib,
                        calib_tokens=args.calib_tokens, sparse=args.sparse,

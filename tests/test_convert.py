@@ -608,3 +608,29 @@ def test_4bit_formats_refuse_group_sizes_they_cannot_store(tiny_hf, tmp_path, fm
     with pytest.raises(ConvertError, match=f"multiple of {multiple}"):
         convert(tiny_hf, tmp_path / "x.qrz", fmt=fmt, group_size=group, progress=False)
     assert not os.listdir(tmp_path)
+
+
+def test_sigterm_leaves_no_files_behind(tmp_path):
+    """the converter killed by SIGTERM while it works (here: during calibration, whose temporary f16 model lies
+    beside the output) exits with 143 and leaves nothing in the output directory"""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from tests.tiny import make_tiny_llama
+    hf = make_tiny_llama(tmp_path / "hf", n_layers=4, hidden=256, ff=512)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("a quiet river runs under old stone bridges, past mills and gardens. " * 400, encoding="utf-8")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "convert", str(hf), str(out_dir / "m.qrz"), "--format", "sq",
+                             "--calib", str(calib), "--calib-tokens", "4096", "-q"], cwd=root,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not os.listdir(out_dir) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert os.listdir(out_dir), "the converter finished or stalled before writing anything: nothing to interrupt"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, proc.stderr.read().decode()[-2000:]
+    assert os.listdir(out_dir) == []

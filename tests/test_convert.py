@@ -634,3 +634,21 @@ def test_sigterm_leaves_no_files_behind(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143, proc.stderr.read().decode()[-2000:]
     assert os.listdir(out_dir) == []
+
+
+def test_sparse_fraction_is_an_sq_option(tiny_hf, tmp_path):
+    """--sparse sets SQ's slots per group and is recorded in the metadata; it is refused for other formats and
+    outside [0, 0.5), with a message saying why, and no file is left behind"""
+    from convert import ConvertError
+    from convert.formats import sq
+    path = convert(tiny_hf, tmp_path / "s.qrz", fmt="sq", group_size=32, sparse=1 / 16, progress=False)
+    f = pyqrt.open_file(str(path))
+    assert abs(f.metadata["quant.sparse"] - 1 / 16) < 1e-7
+    t = next(t for t in f.tensors if t["name"] == "model.layers.0.mlp.down_proj.weight")
+    raw = np.fromfile(path, np.uint8)[t["offset"]:t["offset"] + t["nbytes"]]
+    assert sq.header_slots(raw) == 2 and t["nbytes"] == sq.nbytes(*t["shape"], 32, 2)
+    pyqrt.load(str(path), act="4bit").logits([1, 2, 3])
+    for fmt, sparse, why in (("q8", 0.1, "--format sq"), ("sq", 0.7, "fraction in"), ("sq", -0.1, "fraction in")):
+        with pytest.raises(ConvertError, match=why):
+            convert(tiny_hf, tmp_path / "bad.qrz", fmt=fmt, group_size=32, sparse=sparse, progress=False)
+    assert not os.path.exists(tmp_path / "bad.qrz")

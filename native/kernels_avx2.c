@@ -664,7 +664,7 @@ QRZ_AVX2_INLINE void fp4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i,
             for (int t = 0; t < NT; t++) {
                 float s[8];
                 _mm256_storeu_ps(s, _mm256_cvtepi32_ps(hsum8x8_i32(sums[t])));
-                const float *xd = x->d + (i + t) * ng + g0;
+                const float *xd = grouped ? x->d + (i + t) * ng + g0 : NULL;   /* row kinds: one scale per row */
                 for (int64_t j = 0; j < gn; j++) acc[t] += ds[j] * (grouped ? xd[j] : 1.0f) * s[j];
             }
         }

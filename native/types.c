@@ -313,7 +313,7 @@ static void fp4_matmul_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0
         const uint8_t *codes = v.codes + r * (w->cols / 2);
         for (int64_t i = 0; i < x->n; i++) {
             const int8_t *xq = x->q + i * x->cols;
-            const float *xd = x->d + i * ng;
+            const float *xd = grouped ? x->d + i * ng : NULL;   /* row kinds hold one scale per row */
             float acc = 0.0f;
             for (int64_t g = 0; g < ng; g++) {
                 int32_t sum = 0;   /* |lut| <= 64, |x| <= 127, G <= 2^16: within int32 */

@@ -5,6 +5,7 @@
 Streams tensor by tensor (peak memory is about the largest tensor, not the model) and writes under a temporary
 name, renamed into place only when complete: a failed or interrupted run leaves no .qrz behind.
 """
+import contextlib
 import os
 import sys
 
@@ -13,7 +14,7 @@ from .formats import FORMATS, FOUR_BIT_FALLBACK, Calibration
 from .formats import f32 as f32_format
 from .architectures import architecture, model_metadata, tensor_names, transform
 from .hf import TensorSource, check_dtype, read_config
-from .qrzfile import QrzWriter, TensorSpec
+from .qrzfile import ARRAY, F32, KV, QrzWriter, TensorSpec
 from .tokenizer import tokenizer_metadata
 
 __all__ = ["convert", "ConvertError", "FORMATS"]
@@ -69,43 +70,58 @@ def _matrix_format(fmt_module, name, rows, cols, group, sparse=None):
     return fmt_module, group
 
 
-def _calibrate(hf_dir, out_path, calib, calib_tokens, progress, samples=0):
-    """{tensor name: Calibration} of every matmul's input while the model (converted to a temporary f16 .qrz
-    beside the output, then removed) reads `calib_tokens` tokens of the calibration text: mean x x^T, and with
-    samples > 0 also max |x| per column and `samples` input rows."""
+@contextlib.contextmanager
+def _float_model(hf_dir, out_path, progress):
+    """the model converted to a temporary f16 .qrz beside the output and loaded (the calibration runs it or its
+    tokenizer); the file is removed afterwards, however the block is left"""
     import tempfile
 
     import pyqrt
-    try:
-        with open(calib, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConvertError(f"cannot read the calibration text '{calib}': {exc}; give a UTF-8 text file")
     fd, tmp = tempfile.mkstemp(suffix=".f16.qrz", dir=os.path.dirname(os.path.abspath(out_path)))
     os.close(fd)
     try:
         convert(hf_dir, tmp, fmt="f16", progress=progress)
         model = pyqrt.load(tmp, ctx=512)
-        ids = model.tokenize(text, special=False)[:calib_tokens]
-        if len(ids) < 64:
-            raise ConvertError(f"the calibration text '{calib}' has only {len(ids)} tokens; give at least a few "
-                               f"thousand")
-        if progress:
-            print(f"calibrating on {len(ids)} tokens of {os.path.basename(calib)}", file=sys.stderr, flush=True)
-        stats = model.input_statistics(ids, window=512, gram=True, samples=samples)
+        yield model
         del model
-        return {name: Calibration(*s) if samples else Calibration(gram=s) for name, s in stats.items()}
     finally:
         os.unlink(tmp)
 
 
+def _calibration_ids(model, calib, calib_tokens, progress):
+    try:
+        with open(calib, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConvertError(f"cannot read the calibration text '{calib}': {exc}; give a UTF-8 text file")
+    ids = model.tokenize(text, special=False)[:calib_tokens]
+    if len(ids) < 64:
+        raise ConvertError(f"the calibration text '{calib}' has only {len(ids)} tokens; give at least a few "
+                           f"thousand")
+    if progress:
+        print(f"calibrating on {len(ids)} tokens of {os.path.basename(calib)}", file=sys.stderr, flush=True)
+    return ids
+
+
+def _calibrate(hf_dir, out_path, calib, calib_tokens, progress, samples=0):
+    """{tensor name: Calibration} of every matmul's input while the model (converted to a temporary f16 .qrz
+    beside the output, then removed) reads `calib_tokens` tokens of the calibration text: mean x x^T, and with
+    samples > 0 also max |x| per column and `samples` input rows."""
+    with _float_model(hf_dir, out_path, progress) as model:
+        ids = _calibration_ids(model, calib, calib_tokens, progress)
+        stats = model.input_statistics(ids, window=512, gram=True, samples=samples)
+    return {name: Calibration(*s) if samples else Calibration(gram=s) for name, s in stats.items()}
+
+
 def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=None, calib_tokens=16384,
-            sparse=None):
+            sparse=None, signround=False, iters=None, samples=None, seqlen=None):
     """Convert a Hugging Face model directory, or a GGUF file, into a .qrz. Returns the output path.
     group_size None: the format's default (docs/QUANTIZATION.md says how each was chosen). calib: a UTF-8 text
     file; formats that can use it (sdr, fp4) then round each matrix against the inputs it meets on that text, so the
     error of its output, not of its weights, is kept small (never give the evaluation text). sparse: sq's
-    high-precision fraction (default sq.DEFAULT_SPARSE); an error for the other formats."""
+    high-precision fraction (default sq.DEFAULT_SPARSE); an error for the other formats. signround: learn each
+    block's rounding and clipping on the calib text (convert/signround.py; needs torch), iters steps per block on
+    samples sequences of seqlen tokens (defaults there)."""
     hf_dir, out_path = os.fspath(hf_dir), os.fspath(out_path)
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
@@ -130,8 +146,26 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
         raise ConvertError(f"--format {fmt} needs a group size that is a multiple of {multiple} and at most "
                            f"{max_group}, got {group_size}")
 
-    calibration = {}
-    if calib is not None and getattr(fmt_module, "CALIBRATED", False):
+    calibration, signround_ids = {}, None
+    if (iters is not None or samples is not None or seqlen is not None) and not signround:
+        raise ConvertError("--iters, --samples and --seqlen are SignRound's; add --signround")
+    if signround:
+        from . import signround as sr
+        if fmt not in sr.FORMATS:
+            raise ConvertError(f"--signround tunes the 4-bit formats {', '.join(sr.FORMATS)}, not {fmt}")
+        if calib is None:
+            raise ConvertError("--signround learns from calibration text: give --calib TEXT_FILE (e.g. c4.utf8 or "
+                               "code.utf8 from exllamav2's calibration set; never the text you evaluate on)")
+        iters = sr.DEFAULT_ITERS if iters is None else iters
+        samples = sr.DEFAULT_SAMPLES if samples is None else samples
+        seqlen = sr.DEFAULT_SEQLEN if seqlen is None else seqlen
+        for key, value in (("iters", iters), ("samples", samples), ("seqlen", seqlen)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < (2 if key == "seqlen" else 1):
+                raise ConvertError(f"--{key} must be a positive integer, got {value!r}")
+        sr.import_torch()   # a missing torch fails before any work
+        with _float_model(hf_dir, out_path, progress) as model:
+            signround_ids = _calibration_ids(model, calib, samples * seqlen, progress)
+    elif calib is not None and getattr(fmt_module, "CALIBRATED", False):
         calibration = _calibrate(hf_dir, out_path, calib, calib_tokens, progress,
                            samples=getattr(fmt_module, "SAMPLE_ROWS", 0))
 
@@ -159,6 +193,9 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
             meta["quant.sparse"] = float(sparse)
         if calibration:
             meta["quant.calibration"] = f"{os.path.basename(calib)}, {calib_tokens} tokens"
+        if signround_ids is not None:
+            meta["quant.signround"] = (f"{iters} iterations per block on {len(signround_ids) // seqlen} x {seqlen} "
+                                       f"tokens of {os.path.basename(calib)}")
         n_vocab = source.shape("model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in source.where \
             else config.get("vocab_size")
         meta.update(model_metadata(arch, config, n_vocab))
@@ -188,12 +225,23 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
             else:
                 raise ConvertError(f"tensor '{name}' has shape {shape}; expected a matrix or a vector")
 
+        tuned = {}
+        if signround_ids is not None:
+            def load(name):
+                return transform(arch, name, source.load(name)).astype("float32") if name in source.where else None
+            tuned, reports = sr.tune(fmt, meta, arch, load, group_size, signround_ids, iters=iters, seqlen=seqlen,
+                                     sparse=sparse, progress=progress)
+            # each block's loss (mean squared error of its output) at the start and where tuning ended
+            meta["quant.signround_first_loss"] = KV(ARRAY, [r["first_loss"] for r in reports], F32)
+            meta["quant.signround_best_loss"] = KV(ARRAY, [r["best_loss"] for r in reports], F32)
         try:
             with QrzWriter(out_path, meta, specs) as writer:
                 for name, module, group in _progress(plans, progress, f"{fmt} {os.path.basename(out_path)}"):
                     w = transform(arch, name, source.load(name))
                     if module is None:
                         data = f32_format.quantize(w)
+                    elif name in tuned and module is fmt_module:
+                        data = tuned.pop(name)
                     elif name in calibration and getattr(module, "CALIBRATED", False):
                         data = module.quantize(w, group, calib=calibration.pop(name),
                                                **_sparse_args(module, group, sparse)[1])

@@ -1,4 +1,5 @@
-"""python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8|sdr|int4|fp4|sq [--group-size N] [--sparse S]"""
+"""python -m convert HF_DIR|MODEL.gguf OUT.qrz --format f32|f16|q8|sdr|int4|fp4|sq [--group-size N] [--sparse S]
+                  [--calib TEXT [--signround [--iters N --samples N --seqlen N]]]"""
 import argparse
 import signal
 import sys
@@ -23,6 +24,12 @@ def main(argv=None):
     parser.add_argument("--sparse", type=float, default=None,
                         help="sq: the fraction of each group's weights kept as int8 (and, with --calib, of the input "
                              "channels whose activations stay 8-bit); default 1/32")
+    parser.add_argument("--signround", action="store_true",
+                        help="sdr, fp4, sq, int4: learn each block's rounding and clipping by signed gradient descent "
+                             "on the --calib text (SignRound; needs torch: pip install 'pyqrt[signround]')")
+    parser.add_argument("--iters", type=int, default=None, help="SignRound steps per block (default: 100)")
+    parser.add_argument("--samples", type=int, default=None, help="SignRound calibration sequences (default: 64)")
+    parser.add_argument("--seqlen", type=int, default=None, help="SignRound tokens per sequence (default: 256)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     # SIGTERM (kill, a job scheduler, a CI timeout) exits through Python, so the writer's and the calibration's
@@ -31,6 +38,7 @@ def main(argv=None):
     try:
         path = convert(args.model_dir, args.out, fmt=args.format, group_size=args.group_size, calib=args.calib,
                        calib_tokens=args.calib_tokens, sparse=args.sparse,
+                       signround=args.signround, iters=args.iters, samples=args.samples, seqlen=args.seqlen,
                        progress=not args.quiet and sys.stderr.isatty())
     except ConvertError as exc:
         print(f"error: {exc}", file=sys.stderr)

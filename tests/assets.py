@@ -253,12 +253,13 @@ def converter_hash():
     return h.hexdigest()[:16]
 
 
-def converted(hf_dir, name, fmt, group_size=32, calib=None, sparse_den=None):
-    """hf_dir converted by `python -m convert` into <cache>/<name>-<fmt>-g<group_size>[-s<den>][-<calib>].qrz;
+def converted(hf_dir, name, fmt, group_size=32, calib=None, sparse_den=None, signround=False):
+    """hf_dir converted by `python -m convert` into <cache>/<name>-<fmt>-g<group_size>[-s<den>][-<calib>][-sr].qrz;
     redone when the converter's sources change (a stamp file beside the .qrz holds their hash). calib: a text name
-    (c4, code) for `--calib`, the converter's default token count; sparse_den: --sparse 1/sparse_den (sq)."""
+    (c4, code) for `--calib`, the converter's default token count; sparse_den: --sparse 1/sparse_den (sq);
+    signround: --signround with its default settings (on the calib text)."""
     out = os.path.join(CACHE, f"{name}-{fmt}-g{group_size}" + (f"-s{sparse_den}" if sparse_den else "")
-                       + (f"-{calib}" if calib else "") + ".qrz")
+                       + (f"-{calib}" if calib else "") + ("-sr" if signround else "") + ".qrz")
     stamp = out + ".stamp"
     want = converter_hash()
 
@@ -278,6 +279,8 @@ def converted(hf_dir, name, fmt, group_size=32, calib=None, sparse_den=None):
             cmd += ["--calib", text_path(calib)]
         if sparse_den:
             cmd += ["--sparse", repr(1 / sparse_den)]
+        if signround:
+            cmd += ["--signround"]
         run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if run.returncode != 0:
             raise AssetError(f"`{' '.join(cmd[1:])}` failed (exit {run.returncode}): {run.stderr.strip()[-2000:]}")
@@ -308,13 +311,17 @@ MODELS = {   # name -> (GGUF, Hugging Face directory made from it, cache prefix 
 
 def model_qrz(model, fmt="q8", group_size=32):
     """model ("smollm2", "gemma3", "qwen25") converted from its Hugging Face directory; fmt "sdr+c4" means
-    --format sdr calibrated on c4.utf8, "sq/64+c4" --format sq --sparse 1/64 calibrated on c4.utf8"""
+    --format sdr calibrated on c4.utf8, "sq/64+c4" --format sq --sparse 1/64 calibrated on c4.utf8, "sdr+c4+sr"
+    --format sdr --signround on c4.utf8"""
     _, hf, prefix = MODELS[model]
     fmt, _, calib = fmt.partition("+")
+    calib, _, tuned = calib.partition("+")
+    if tuned not in ("", "sr"):
+        raise ValueError(f"format {fmt}+{calib}+{tuned}: the one option after the calibration text is +sr")
     fmt, _, den = fmt.partition("/")
     if den and not den.isdigit():
         raise ValueError(f"format {fmt}/{den}: the sparse fraction is written as its denominator, e.g. sq/32")
-    return converted(hf(), prefix, fmt, group_size, calib or None, int(den) if den else None)
+    return converted(hf(), prefix, fmt, group_size, calib or None, int(den) if den else None, tuned == "sr")
 
 
 if __name__ == "__main__":

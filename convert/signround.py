@@ -82,11 +82,14 @@ class Rounder:
         return x + (x.half().float() - x).detach()
 
     def start_at(self, codes, step):
-        """V such that round(w / step + V) = codes (rows, ng, group), step (rows, ng) the current scale"""
+        """V such that round(w / step + V) = codes (rows, ng, group), step (rows, ng) the current scale: whole
+        levels, codes - round(w / step), so each weight keeps its distance to the nearest rounding boundary
+        (V = codes - w / step would put every weight at the centre of its level, half a level from any
+        boundary, which is as far as SignSGD's steps add up to: no code could move)"""
         torch = self.torch
         step = step.detach()[:, :, None]
         with torch.no_grad():
-            self.V.copy_(torch.where(step > 0, codes - self.w / _safe(step), torch.zeros_like(self.w)))
+            self.V.copy_(torch.where(step > 0, codes - torch.round(self.w / _safe(step)), torch.zeros_like(self.w)))
 
     def fake(self):
         raise NotImplementedError

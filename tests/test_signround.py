@@ -193,7 +193,7 @@ def test_signround_block_reports(tmp_path):
             return transform(arch, name, source.load(name)).astype(np.float32) if name in source.where else None
         meta = model_metadata(arch, config, source.shape("model.embed_tokens.weight")[0])
         ids = list(np.random.default_rng(0).integers(0, meta["model.n_vocab"], 8 * 16))
-        out, reports = sr.tune("sdr", meta, arch, load, 16, ids, iters=10, seqlen=16, batch=2, progress=False)
+        out, reports = sr.tune("sdr", meta, arch, load, 16, ids, iters=40, seqlen=16, batch=2, progress=False)
     finally:
         source.close()
     assert [r["block"] for r in reports] == list(range(meta["model.n_layers"]))

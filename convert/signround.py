@@ -3,16 +3,13 @@ block, for every 4-bit format.
 
 For each block in model order, every matrix's quantizer gets a rounding offset V per weight (code =
 round(w / step + V)) and a clipping factor alpha per group (the group's scale follows alpha * its absmax). Both
-start where the format's own calibrated conversion ends (SDR and SQ: the codes of their error-feedback rounding
-against the Gram matrix of the inputs the matrix meets on this path; INT4 and FP4: their searches weighted by
-each input channel's mean square), and move by signed gradient descent (SignSGD: a step of lr times the sign of
-the gradient, lr = 1/iters decaying linearly to 0, so V moves by about 0.5 at most and can flip any weight's
-rounding by one level from where it started) to make the block's output on calibration text, its inputs those
+start where the format's own data-free search ends, and move by signed gradient descent (SignSGD: a step of lr
+times the sign of the gradient, lr = 1/iters decaying linearly to 0, so V stays within about [-0.5, 0.5] and can
+flip any weight's rounding by one level at most) to make the block's output on calibration text, its inputs those
 of the already-quantized earlier blocks, match the output of the float block on float inputs. Of the starting
 point, the last iteration and the iteration with the smallest batch loss, the one with the smallest loss over
-all the calibration sequences is kept, so a block never ends above where it started. Rounding is
-straight-through (its gradient taken as 1); a power-of-two scale (SDR's per-group shift) likewise passes alpha's
-gradient as if the scale were proportional to alpha.
+all the calibration sequences is kept, so a block never ends above where it started. Rounding is straight-through (its gradient taken as 1); a power-of-two scale (SDR's per-group shift)
+likewise passes alpha's gradient as if the scale were proportional to alpha.
 
 The block is run here in PyTorch, written from the same model.* metadata the C runtime reads (one graph for
 Llama, Qwen2 and Gemma-3, as native/model.c), so the converter needs no transformers. torch is needed at
@@ -51,13 +48,10 @@ def import_torch():
 
 class Rounder:
     """one matrix's learnable quantizer: V (rows, ng, group), alpha (rows, ng); fake() is the dequantized weight
-    (differentiable in V and alpha), pack(calib) the format's bytes for the current V and alpha. gram (cols, cols),
-    the mean x x^T of the matrix's inputs, is taken by the formats that round by error feedback (WARM_START) to
-    start from those codes."""
+    (differentiable in V and alpha), pack(calib) the format's bytes for the current V and alpha"""
     ALPHA_RANGE = (0.5, 1.0)
-    WARM_START = False
 
-    def __init__(self, torch, w, group, col_energy, gram=None):
+    def __init__(self, torch, w, group, col_energy):
         self.torch, self.group = torch, group
         self.rows, self.cols = w.shape
         self.ng = self.cols // group
@@ -80,16 +74,6 @@ class Rounder:
     def f16_ste(self, x):
         """x rounded to f16, as the file stores a scale, with the gradient of x"""
         return x + (x.half().float() - x).detach()
-
-    def start_at(self, codes, step):
-        """V such that round(w / step + V) = codes (rows, ng, group), step (rows, ng) the current scale: whole
-        levels, codes - round(w / step), so each weight keeps its distance to the nearest rounding boundary
-        (V = codes - w / step would put every weight at the centre of its level, half a level from any
-        boundary, which is as far as SignSGD's steps add up to: no code could move)"""
-        torch = self.torch
-        step = step.detach()[:, :, None]
-        with torch.no_grad():
-            self.V.copy_(torch.where(step > 0, codes - torch.round(self.w / _safe(step)), torch.zeros_like(self.w)))
 
     def fake(self):
         raise NotImplementedError
@@ -124,30 +108,21 @@ class Int4Rounder(Rounder):
 
 
 class SdrRounder(Rounder):
-    """SDR: the row scale s of the format's own search (with gram, of its error-feedback rounding) stays; each
-    group's shift e follows its clipped maximum alpha * max|w| / s in base units as QRazor's rule does (leading one
-    minus 2), and q = clamp(round(w / (s 2^e) + V), -8, 7). alpha starts where the search's choice of e puts it
-    (QRazor's or one finer; error feedback, which chooses e from weights its earlier columns' errors have moved,
-    may also pick a coarser one, hence alpha above 1)."""
-    ALPHA_RANGE = (1 / 32, 4.0)
-    WARM_START = True
+    """SDR: the row scale s of the format's own search stays; each group's shift e follows its clipped maximum
+    alpha * max|w| / s in base units as QRazor's rule does (leading one minus 2), and q = clamp(round(w / (s 2^e)
+    + V), -8, 7). alpha starts where the search's choice of e (QRazor's or one finer) puts it."""
+    ALPHA_RANGE = (0.25, 1.0)
 
-    def __init__(self, torch, w, group, col_energy, gram=None):
+    def __init__(self, torch, w, group, col_energy):
         super().__init__(torch, w, group, col_energy)
-        if gram is None:
-            s, e0, m0 = sdr.quantize_parts(self.w_np, group, col_weight=self.col_energy)
-        else:
-            s, e0, m0 = sdr.gptq_parts(self.w_np, group, gram)
+        s, e0, _ = sdr.quantize_parts(self.w_np, group, col_weight=self.col_energy)
         self.s = torch.from_numpy(s.astype(np.float32))
         base = (self.amax / _safe(self.s)[:, None]).numpy().astype(np.float64)   # the group maximum in base units
         qrazor = np.clip(sdr.leading_one(np.rint(np.minimum(base, 127))) - 2, 0, sdr.MAX_SHIFT)
-        other = e0.astype(np.int64) != qrazor
+        finer = e0.astype(np.int64) < qrazor
         with np.errstate(divide="ignore", invalid="ignore"):
-            alpha = np.where(other, (2.0 ** (e0.astype(np.float64) + 3) - 1) / base, 1.0)
-        self.alpha = torch.from_numpy(np.clip(np.nan_to_num(alpha, nan=1.0), *self.ALPHA_RANGE).astype(np.float32))
-        if gram is not None:
-            step, _, _ = self._parts()
-            self.start_at(torch.from_numpy(m0.astype(np.float32)).reshape(self.w.shape), step)
+            alpha = np.where(finer, (2.0 ** (e0.astype(np.float64) + 3) - 1) / base, 1.0)
+        self.alpha = torch.from_numpy(np.nan_to_num(alpha, nan=1.0).astype(np.float32))
 
     def _parts(self):
         torch = self.torch
@@ -176,7 +151,7 @@ class Fp4Rounder(Rounder):
     (f16) and each weight's code is the nearest to w / d + V * gap, gap being the codebook's spacing where w / d
     lies, so V moves a weight across one rounding boundary at most whatever the spacing"""
 
-    def __init__(self, torch, w, group, col_energy, gram=None):
+    def __init__(self, torch, w, group, col_energy):
         super().__init__(torch, w, group, col_energy)
         best = None
         for e in fp4.EXPONENTS:
@@ -224,17 +199,12 @@ class Fp4Rounder(Rounder):
 
 class SqRounder(Rounder):
     """SQ: the slot positions of the format's importance rule stay; d = max(alpha * max|dense| / 7,
-    max|slot| / 127) (f16), and q = round(w / d + V) clamped to the dense 4-bit range, or int8 at a slot. With
-    gram the codes start at those of the format's error-feedback rounding."""
-    WARM_START = True
+    max|slot| / 127) (f16), and q = round(w / d + V) clamped to the dense 4-bit range, or int8 at a slot"""
 
-    def __init__(self, torch, w, group, col_energy, gram=None, sparse=sq.DEFAULT_SPARSE):
+    def __init__(self, torch, w, group, col_energy, sparse=sq.DEFAULT_SPARSE):
         super().__init__(torch, w, group, col_energy)
         self.sparse, self.k = sparse, sq.slots_for(group, sparse)
-        if gram is None:
-            d16, q0, self.pos, vals0 = sq.quantize_parts(self.w_np, group, self.k, self.col_energy)
-        else:
-            d16, q0, self.pos, vals0 = sq.gptq_parts(self.w_np, group, self.k, gram)
+        d16, _, self.pos, _ = sq.quantize_parts(self.w_np, group, self.k, self.col_energy)
         is_slot = np.zeros((self.rows, self.ng, group), bool)
         np.put_along_axis(is_slot, self.pos.astype(np.int64), True, axis=2)
         self.is_slot = torch.from_numpy(is_slot)
@@ -245,11 +215,6 @@ class SqRounder(Rounder):
         with np.errstate(divide="ignore", invalid="ignore"):
             alpha = np.where(dense > 0, d16.astype(np.float32) * 7 / dense, 1.0)
         self.alpha = torch.from_numpy(np.clip(alpha, *self.ALPHA_RANGE).astype(np.float32))
-        if gram is not None:
-            codes = q0.astype(np.float32).reshape(self.rows, self.ng, group)
-            np.put_along_axis(codes, self.pos.astype(np.int64), vals0.astype(np.float32), axis=2)
-            d, _ = self._parts()
-            self.start_at(torch.from_numpy(codes), d)
 
     def _parts(self):
         torch = self.torch
@@ -378,30 +343,23 @@ class BlockGraph:
 
 
 class _InputStats:
-    """per linear: mean x^2 and max |x| per input column, with gram=True the mean x x^T, and up to `rows` input
-    rows drawn at random"""
+    """per linear: mean x^2 and max |x| per input column, and up to `rows` input rows drawn at random"""
 
-    def __init__(self, rows, rng, gram=False):
-        self.rows, self.rng, self.want_gram = rows, rng, gram
-        self.energy, self.count, self.absmax, self.picked, self.gram_sum = {}, {}, {}, {}, {}
+    def __init__(self, rows, rng):
+        self.rows, self.rng = rows, rng
+        self.energy, self.count, self.absmax, self.picked = {}, {}, {}, {}
 
     def __call__(self, name, h):
-        h = h.detach().reshape(-1, h.shape[-1])
-        x = h.numpy()
+        x = h.detach().reshape(-1, h.shape[-1]).numpy()
         self.energy[name] = self.energy.get(name, 0) + (x.astype(np.float64) ** 2).sum(axis=0)
         self.count[name] = self.count.get(name, 0) + x.shape[0]
         self.absmax[name] = np.maximum(self.absmax.get(name, 0), np.abs(x).max(axis=0))
-        if self.want_gram:   # float32 products (torch's matmul), summed across batches in float64
-            self.gram_sum[name] = self.gram_sum.get(name, 0) + (h.T @ h).numpy().astype(np.float64)
         if self.rows:
             take = self.rng.choice(x.shape[0], size=min(self.rows, x.shape[0]), replace=False)
             self.picked.setdefault(name, []).append(x[take])
 
     def mean_energy(self, name):
         return (self.energy[name] / max(self.count[name], 1)).astype(np.float32)
-
-    def gram(self, name):
-        return self.gram_sum[name] / max(self.count[name], 1) if self.want_gram else None
 
     def calibration(self, name):
         """a Calibration of absmax and `rows` rows drawn uniformly from all the batches' picks"""
@@ -474,14 +432,10 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
         w_float = {s: torch.from_numpy(np.ascontiguousarray(load(prefix + s + ".weight"), np.float32))
                    for s in LINEARS}
         target = _through(torch, graph, layer, x_float, p, w_float.__getitem__)
-        # the inputs each matrix meets on the quantized path, with this block's float weights: their mean square
-        # per channel (every format's weighted search) and, for the formats that start from error feedback, their
-        # Gram matrix
-        energy = _InputStats(0, rng, gram=rounder_cls.WARM_START)
-        _through(torch, graph, layer, x_quant, p, w_float.__getitem__, energy)
-        rounders = {s: rounder_cls(torch, w_float[s].numpy(), group, energy.mean_energy(s), gram=energy.gram(s),
-                                   **extra) for s in LINEARS}
-        del energy
+        energy = _InputStats(0, rng)
+        _through(torch, graph, layer, x_quant[:min(n_seq, 32)], p, w_float.__getitem__, energy)
+        rounders = {s: rounder_cls(torch, w_float[s].numpy(), group, energy.mean_energy(s), **extra)
+                    for s in LINEARS}
         params = [t for r in rounders.values() for t in r.params()]
         for t in params:
             t.requires_grad_(True)

@@ -116,33 +116,6 @@ def test_rounder_starts_at_the_format_search(fmt, group, module, extra):
     assert same.mean() > 0.995
 
 
-@pytest.mark.parametrize("fmt,group,module", [("sdr", 16, sdr), ("sq", 64, sq)])
-def test_rounder_with_gram_starts_at_error_feedback(fmt, group, module):
-    """given the inputs' Gram matrix, SDR and SQ start exactly at the codes of their error-feedback rounding
-    (the --calib conversion), which on those inputs beat the data-free start"""
-    w, energy = _weights(seed=4)
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((512, w.shape[1])).astype(np.float32) * np.sqrt(energy)[None, :]
-    x[:, :8] += 3 * rng.standard_normal((512, 1)).astype(np.float32)      # correlated inputs, as real ones are
-    gram = (x.T.astype(np.float64) @ x) / len(x)
-    warm = sr.ROUNDERS[fmt](torch, w, group, np.diag(gram).astype(np.float32), gram=gram)
-    cold = sr.ROUNDERS[fmt](torch, w, group, np.diag(gram).astype(np.float32))
-    with torch.no_grad():
-        start, cold_start = warm.fake().numpy(), cold.fake().numpy()
-    if fmt == "sdr":
-        own = sdr.dequantize(sdr.pack(*sdr.gptq_parts(w, group, gram), group), *w.shape, group)
-    else:
-        own = sq.dequantize_parts(*sq.gptq_parts(w, group, warm.k, gram), group)
-    np.testing.assert_allclose(start, own, rtol=1e-6, atol=1e-6 * np.abs(w).max())
-    np.testing.assert_allclose(module.dequantize(warm.pack(), *w.shape, group), own, rtol=1e-6,
-                               atol=1e-6 * np.abs(w).max())
-
-    def output_error(w_hat):
-        delta = (w_hat - w).astype(np.float64)
-        return float(np.einsum("rc,rc->", delta @ gram, delta))
-    assert output_error(start) < output_error(cold_start)
-
-
 def test_rounder_gradients_reach_offsets_and_clipping():
     w, energy = _weights(seed=3)
     for fmt, group, _, extra in ROUNDER_CASES:

@@ -6,9 +6,9 @@ round(w / step + V)) and a clipping factor alpha per group (the group's scale fo
 start where the format's own data-free search ends, and move by signed gradient descent (SignSGD: a step of lr
 times the sign of the gradient, lr = 1/iters decaying linearly to 0, so V stays within about [-0.5, 0.5] and can
 flip any weight's rounding by one level at most) to make the block's output on calibration text, its inputs those
-of the already-quantized earlier blocks, match the output of the float block on float inputs. Of the starting
-point, the last iteration and the iteration with the smallest batch loss, the one with the smallest loss over
-all the calibration sequences is kept, so a block never ends above where it started. Rounding is straight-through (its gradient taken as 1); a power-of-two scale (SDR's per-group shift)
+of the already-quantized earlier blocks, match the output of the float block on float inputs. The iteration with
+the smallest loss is kept (the starting point counts, so the calibration loss never ends above the format's own
+result). Rounding is straight-through (its gradient taken as 1); a power-of-two scale (SDR's per-group shift)
 likewise passes alpha's gradient as if the scale were proportional to alpha.
 
 The block is run here in PyTorch, written from the same model.* metadata the C runtime reads (one graph for
@@ -379,16 +379,6 @@ def _through(torch, graph, layer, x, p, weight, seen=None):
     return out
 
 
-def _full_loss(torch, graph, layer, x, target, p, weight):
-    """the mean squared error of the block's output over all of x (every calibration sequence)"""
-    total = 0.0
-    with torch.no_grad():
-        for b in range(0, x.shape[0], PASS_BATCH):
-            y = graph.forward(layer, x[b:b + PASS_BATCH], p, weight)
-            total += float(((y - target[b:b + PASS_BATCH]) ** 2).double().sum())
-    return total / target.numel()
-
-
 def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_SEQLEN, batch=DEFAULT_BATCH,
          sparse=None, progress=True, seed=0):
     """SignRound over every block -> ({matrix name: its bytes}, [per-block report dicts]).
@@ -439,8 +429,7 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
         params = [t for r in rounders.values() for t in r.params()]
         for t in params:
             t.requires_grad_(True)
-        start = [t.detach().clone() for t in params]
-        best_batch_loss, best = float("inf"), None
+        best_loss, best, first_loss = float("inf"), None, None
         steps = range(iters)
         bar = None
         if progress:
@@ -455,8 +444,10 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
             y = graph.forward(layer, x_quant[pick], p, lambda s: rounders[s].fake())
             loss = torch.nn.functional.mse_loss(y, target[pick])
             value = float(loss.detach())
-            if value < best_batch_loss:
-                best_batch_loss, best = value, [t.detach().clone() for t in params]
+            if first_loss is None:
+                first_loss = value
+            if value < best_loss:
+                best_loss, best = value, [t.detach().clone() for t in params]
             for t in params:
                 t.grad = None
             loss.backward()
@@ -465,21 +456,10 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
                 for t in params:
                     t -= lr * torch.sign(t.grad)
             if bar is not None:
-                bar.set_postfix(loss=f"{value:.4g}", best=f"{best_batch_loss:.4g}")
-        # a batch's loss says as much about the batch as about the parameters: the starting point, the last
-        # iteration and the best batch's are compared on every calibration sequence
-        candidates = [("start", start), ("last", [t.detach().clone() for t in params]), ("best batch", best)]
-        scored = []
+                bar.set_postfix(loss=f"{value:.4g}", best=f"{best_loss:.4g}")
         with torch.no_grad():
-            for label, values in candidates:
-                for t, v in zip(params, values):
-                    t.copy_(v)
-                scored.append((_full_loss(torch, graph, layer, x_quant, target, p, lambda s: rounders[s].fake()),
-                               label, values))
-            first_loss = scored[0][0]
-            best_loss, kept, values = min(scored, key=lambda c: c[0])
-            for t, v in zip(params, values):
-                t.copy_(v)
+            for t, b in zip(params, best):
+                t.copy_(b)
                 t.requires_grad_(False)
             w_quant = {s: r.fake() for s, r in rounders.items()}
         stats = _InputStats(sample_rows, rng)
@@ -487,13 +467,13 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
         for s, r in rounders.items():
             out[prefix + s + ".weight"] = r.pack(stats.calibration(s) if sample_rows else None)
         x_float = target
-        report = {"block": layer, "first_loss": first_loss, "best_loss": best_loss, "kept": kept,
+        report = {"block": layer, "first_loss": first_loss, "best_loss": best_loss,
                   "output_error": float(((x_quant - x_float) ** 2).mean()), "seconds": time.time() - t0}
         reports.append(report)
         if progress:
             if bar is not None:
                 bar.close()
-            print(f"signround block {layer + 1}/{n_layers}: loss {first_loss:.4g} -> {best_loss:.4g} ({kept}), "
+            print(f"signround block {layer + 1}/{n_layers}: loss {first_loss:.4g} -> {best_loss:.4g}, "
                   f"output error {report['output_error']:.4g}, {report['seconds']:.0f} s", file=sys.stderr,
                   flush=True)
     return out, reports

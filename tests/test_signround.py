@@ -155,8 +155,7 @@ def test_signround_conversion_beats_round_to_nearest_on_its_text(tmp_path, fmt):
 
 
 def test_signround_block_reports(tmp_path):
-    """tune() reports each block's loss over all its calibration sequences before and after; the kept loss is
-    never above the starting one"""
+    """tune() reports each block's loss before and after; the kept loss is never above the starting one"""
     d = _tiny(tmp_path, "qwen2")
     config = read_config(d)
     arch = architecture(config)
@@ -166,14 +165,12 @@ def test_signround_block_reports(tmp_path):
             return transform(arch, name, source.load(name)).astype(np.float32) if name in source.where else None
         meta = model_metadata(arch, config, source.shape("model.embed_tokens.weight")[0])
         ids = list(np.random.default_rng(0).integers(0, meta["model.n_vocab"], 8 * 16))
-        out, reports = sr.tune("sdr", meta, arch, load, 16, ids, iters=40, seqlen=16, batch=2, progress=False)
+        out, reports = sr.tune("sdr", meta, arch, load, 16, ids, iters=10, seqlen=16, batch=2, progress=False)
     finally:
         source.close()
     assert [r["block"] for r in reports] == list(range(meta["model.n_layers"]))
-    # losses over every calibration sequence: what is kept is never above the start (error feedback's codes)
     assert all(r["best_loss"] <= r["first_loss"] for r in reports)
     assert any(r["best_loss"] < r["first_loss"] for r in reports)
-    assert all(r["kept"] in ("start", "last", "best batch") for r in reports)
     assert set(out) == {f"model.layers.{i}.{s}.weight" for i in range(meta["model.n_layers"]) for s in sr.LINEARS}
 
 

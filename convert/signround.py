@@ -3,12 +3,14 @@ block, for every 4-bit format.
 
 For each block in model order, every matrix's quantizer gets a rounding offset V per weight (code =
 round(w / step + V)) and a clipping factor alpha per group (the group's scale follows alpha * its absmax). Both
-start where the format's own data-free search ends, and move by signed gradient descent (SignSGD: a step of lr
+start where the format's own data-free search ends. V moves by signed gradient descent (SignSGD: a step of lr
 times the sign of the gradient, lr = 1/iters decaying linearly to 0, so V stays within about [-0.5, 0.5] and can
 flip any weight's rounding by one level at most) to make the block's output on calibration text, its inputs those
-of the already-quantized earlier blocks, match the output of the float block on float inputs. The iteration with
-the smallest loss is kept (the starting point counts, so the calibration loss never ends above the format's own
-result). Rounding is straight-through (its gradient taken as 1); a power-of-two scale (SDR's per-group shift)
+of the already-quantized earlier blocks, match the output of the float block on float inputs. alpha moves too only
+where a Rounder sets TUNE_ALPHA, which only INT4 does (it starts from round to nearest, no search): from a
+searched clipping, learning it lost to V alone (see Rounder.TUNE_ALPHA). The last step is kept unless the start
+has the smaller loss over all the calibration sequences (so the calibration loss never ends above the format's
+own result). Rounding is straight-through (its gradient taken as 1); a power-of-two scale (SDR's per-group shift)
 likewise passes alpha's gradient as if the scale were proportional to alpha.
 
 The block is run here in PyTorch, written from the same model.* metadata the C runtime reads (one graph for
@@ -50,6 +52,15 @@ class Rounder:
     """one matrix's learnable quantizer: V (rows, ng, group), alpha (rows, ng); fake() is the dequantized weight
     (differentiable in V and alpha), pack(calib) the format's bytes for the current V and alpha"""
     ALPHA_RANGE = (0.5, 1.0)
+    # whether alpha is tuned (off: the format keeps the clipping its own data-free search chose, and SignSGD moves
+    # V only; INT4, which has no search, starts from round-to-nearest's full range and tunes it). A scale's straight-through gradient, value - w/d against the loss gradient, leans toward shrinking:
+    # on the weights' own error it is 2 d (value - w/d)^2 >= 0 for every weight inside the range, and only clipped
+    # weights pull back (in FP4's rounder not even those: its nearest-code lookup passes the gradient past the top
+    # code; tests/test_signround.py). On one Gemma-3 block (layer 6, 100 steps, error on held-out wiki inputs)
+    # tuning alpha too left the error worse than V alone in all four formats, and FP4's alpha alone made it 20x
+    # worse (docs/QUANTIZATION.md). INT4 keeps it only because its whole-model result with alpha (41.05 against
+    # 114.87 on Gemma-3) is measured and V alone there is not yet.
+    TUNE_ALPHA = False
 
     def __init__(self, torch, w, group, col_energy):
         self.torch, self.group = torch, group
@@ -63,7 +74,7 @@ class Rounder:
         self.alpha = torch.ones(self.rows, self.ng)
 
     def params(self):
-        return [self.V, self.alpha]
+        return [self.V, self.alpha] if self.TUNE_ALPHA else [self.V]
 
     def clipped_alpha(self):
         return self.alpha.clamp(*self.ALPHA_RANGE)
@@ -89,6 +100,7 @@ def _safe(d):
 
 class Int4Rounder(Rounder):
     """INT4: d = alpha * absmax / 7 (f16), q = clamp(round(w / d + V), -8, 7)"""
+    TUNE_ALPHA = True
 
     def _parts(self):
         d = self.f16_ste(self.amax * self.clipped_alpha() / 7.0)
@@ -429,7 +441,7 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
         params = [t for r in rounders.values() for t in r.params()]
         for t in params:
             t.requires_grad_(True)
-        best_loss, best, first_loss = float("inf"), None, None
+        start = [t.detach().clone() for t in params]
         steps = range(iters)
         bar = None
         if progress:
@@ -443,11 +455,6 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
             pick = torch.from_numpy(rng.choice(n_seq, size=min(batch, n_seq), replace=False))
             y = graph.forward(layer, x_quant[pick], p, lambda s: rounders[s].fake())
             loss = torch.nn.functional.mse_loss(y, target[pick])
-            value = float(loss.detach())
-            if first_loss is None:
-                first_loss = value
-            if value < best_loss:
-                best_loss, best = value, [t.detach().clone() for t in params]
             for t in params:
                 t.grad = None
             loss.backward()
@@ -456,24 +463,41 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
                 for t in params:
                     t -= lr * torch.sign(t.grad)
             if bar is not None:
-                bar.set_postfix(loss=f"{value:.4g}", best=f"{best_loss:.4g}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
+
+        def full_loss():
+            """the block's loss over every calibration sequence with the rounders as they are"""
+            w = {s: r.fake() for s, r in rounders.items()}
+            return float(((_through(torch, graph, layer, x_quant, p, w.__getitem__) - target) ** 2).mean())
+
+        # The last step, where the decayed step size has let V settle, unless the start does better over all the
+        # calibration sequences (so tuning never leaves a block worse on what it saw). A batch of 4 sequences
+        # cannot pick a step: their loss varies more between batches than between steps, and the step with the
+        # smallest batch loss was the easiest batch's, early steps included, where the error has a transient high.
         with torch.no_grad():
-            for t, b in zip(params, best):
+            last = [t.detach().clone() for t in params]
+            last_loss = full_loss()
+            for t, b in zip(params, start):
+                t.copy_(b)
+            first_loss = full_loss()
+            kept = "last" if last_loss <= first_loss else "start"
+            for t, b in zip(params, last if kept == "last" else start):
                 t.copy_(b)
                 t.requires_grad_(False)
+            best_loss = min(last_loss, first_loss)
             w_quant = {s: r.fake() for s, r in rounders.items()}
         stats = _InputStats(sample_rows, rng)
         x_quant = _through(torch, graph, layer, x_quant, p, w_quant.__getitem__, stats if sample_rows else None)
         for s, r in rounders.items():
             out[prefix + s + ".weight"] = r.pack(stats.calibration(s) if sample_rows else None)
         x_float = target
-        report = {"block": layer, "first_loss": first_loss, "best_loss": best_loss,
+        report = {"block": layer, "first_loss": first_loss, "best_loss": best_loss, "kept": kept,
                   "output_error": float(((x_quant - x_float) ** 2).mean()), "seconds": time.time() - t0}
         reports.append(report)
         if progress:
             if bar is not None:
                 bar.close()
-            print(f"signround block {layer + 1}/{n_layers}: loss {first_loss:.4g} -> {best_loss:.4g}, "
+            print(f"signround block {layer + 1}/{n_layers}: loss {first_loss:.4g} -> {best_loss:.4g} ({kept}), "
                   f"output error {report['output_error']:.4g}, {report['seconds']:.0f} s", file=sys.stderr,
                   flush=True)
     return out, reports

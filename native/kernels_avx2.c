@@ -8,6 +8,7 @@
 #include "qrz_internal.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #define QRZ_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -312,13 +313,51 @@ static sdr_view sdr_view_of(const qrz_weight *w) {
         }                                                                                                      \
     }
 
-/* SDR x I8_ROW: y = s_w s_x sum_g 2^e_g sum_{k in g} m_k q_k, the integer sum exact in int32 (docs/QUANTIZATION.md
- * bounds it for rows of up to 2^17 columns; every partial sum here is a sum of fewer of the same terms) */
+/* SDR x I8_ROW: y = s_w s_x sum_g 2^e_g sum_{k in g} m_k q_k, the integer sum exact (docs/QUANTIZATION.md bounds it
+ * in int32 for rows of up to 2^17 columns).
+ * The codes stay unsigned, u = m + 8 in 0..15, so a run is one shift and one mask away from maddubs (no sign trick):
+ * sum m q = sum u q - 8 sum q, and sum q per group comes with the activations (qrz_acts.sums), once per row of
+ * activations instead of once per weight row. Lanes may wrap on the way (|u q 2^e| can be twice |m q 2^e|), but
+ * every step is an add or a left shift, exact modulo 2^32, so the total is exact wherever the true sum fits. */
+QRZ_AVX2_INLINE __m256i nibu_run(const uint8_t *p) {
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
+}
+
+/* int16 pair sums of u * q over `runs` runs, at most 8 (a pair is at most 2 * 15 * 127 = 3810 in magnitude) */
+QRZ_AVX2_INLINE void nibu_runs16(const uint8_t *m, const int8_t *x, int64_t K, int32_t runs, const int NT, __m256i *s16) {
+    for (int t = 0; t < NT; t++) s16[t] = _mm256_setzero_si256();
+    for (int32_t j = 0; j < runs; j++) {
+        const __m256i u = nibu_run(m + 16 * j);
+        for (int t = 0; t < NT; t++)
+            s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(x + t * K + 32 * j))));
+    }
+}
+
+/* sum_g sums[g] 2^e_g over a row's ng groups, the shifts eight at a time from four flag bytes */
+QRZ_AVX2_INLINE uint32_t sdr_shifted_sums(const uint8_t *flags, const int32_t *sums, int64_t ng) {
+    const __m256i field = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    __m256i acc = _mm256_setzero_si256();
+    int64_t g = 0;
+    for (; g + 8 <= ng; g += 8) {
+        uint32_t f;
+        memcpy(&f, flags + g / 2, 4);
+        const __m256i sh = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)f), field), _mm256_set1_epi32(15));
+        acc = _mm256_add_epi32(acc, _mm256_sllv_epi32(_mm256_loadu_si256((const __m256i *)(sums + g)), sh));
+    }
+    uint32_t total = (uint32_t)hsum_i32(acc);
+    for (; g < ng; g++) total += (uint32_t)sums[g] << nib_shift(flags, g);
+    return total;
+}
+
+/* a group of whole runs: int16 sums over at most 8 runs at a time, each widened, shifted by e_g and added */
 QRZ_AVX2_INLINE void sdr_i8_group(const uint8_t *m, const int8_t *x, int64_t K, int32_t rpg, __m256i sh, const int NT,
                                   __m256i *acc) {
-    __m256i s16[4];   /* whole runs (at most 8): int16 sums over the group, then one madd and one shift */
-    nib_runs16(m, x, K, rpg, NT, s16);
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_add_epi32(acc[t], _mm256_sllv_epi32(widen16(s16[t]), sh));
+    for (int32_t j0 = 0; j0 < rpg; j0 += 8) {
+        __m256i s16[4];
+        nibu_runs16(m + 16 * j0, x + 32 * j0, K, rpg - j0 < 8 ? rpg - j0 : 8, NT, s16);
+        for (int t = 0; t < NT; t++) acc[t] = _mm256_add_epi32(acc[t], _mm256_sllv_epi32(widen16(s16[t]), sh));
+    }
 }
 
 QRZ_AVX2_INLINE void sdr_i8_rows(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
@@ -327,6 +366,7 @@ QRZ_AVX2_INLINE void sdr_i8_rows(const qrz_weight *w, const qrz_acts *x, int64_t
     const int32_t G = w->group, rpg = RPG > 0 ? RPG : G / 32;
     const int64_t K = w->cols, ng = K / G;
     const int8_t *xq = x->q + i * K;
+    const int32_t *xs = x->sums + i * ng;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *flags = p.e + r * p.fb, *mant = p.m + r * (K / 2);
         __m256i acc[4];
@@ -350,12 +390,15 @@ QRZ_AVX2_INLINE void sdr_i8_rows(const qrz_weight *w, const qrz_acts *x, int64_t
                     b = (unsigned)(nib_shift(flags, glo) | nib_shift(flags, ghi) << 4);
                 }
                 __m256i s16[4];
-                nib_runs16(mant + 16 * c, xq + 32 * c, K, 1, NT, s16);
+                nibu_runs16(mant + 16 * c, xq + 32 * c, K, 1, NT, s16);
                 const __m256i sh = NIB_LOAD(nib_shift_pair[b]);
                 for (int t = 0; t < NT; t++) acc[t] = _mm256_add_epi32(acc[t], _mm256_sllv_epi32(widen16(s16[t]), sh));
             }
         }
-        for (int t = 0; t < NT; t++) y[(i + t) * ldy + r] = (float)hsum_i32(acc[t]) * (p.s[r] * x->d[i + t]);
+        for (int t = 0; t < NT; t++) {
+            const uint32_t total = (uint32_t)hsum_i32(acc[t]) - 8u * sdr_shifted_sums(flags, xs + t * ng, ng);
+            y[(i + t) * ldy + r] = (float)(int32_t)total * (p.s[r] * x->d[i + t]);
+        }
     }
 }
 
@@ -615,21 +658,32 @@ QRZ_AVX2_INLINE __m256i fp4_run(const uint8_t *p, __m256i lut) {
     return _mm256_shuffle_epi8(lut, _mm256_and_si256(v, _mm256_set1_epi8(15)));
 }
 
-/* int32 lanes summing to one group's sum, for NT activation rows. A maddubs pair is at most 2 * 64 * 127 in
- * magnitude (E3M0's top weight), 2 * 12 * 127 for E2M1, so `burst` (2, or 8) runs add in int16 before widening. */
-QRZ_AVX2_INLINE void fp4_group(const uint8_t *m, const int8_t *x, int64_t K, int32_t runs, int32_t burst,
-                               __m256i lut, const int NT, __m256i *s32) {
+/* int32 lanes summing to one group's sum of (lut + top) q, for NT activation rows: the table shifted by the
+ * layout's top value, 0..2 top, unsigned, so the codes go straight into maddubs (no sign trick), and
+ * sum lut q = sum (lut + top) q - top sum q, sum q per group coming with the activations (qrz_acts.sums). A
+ * maddubs pair is at most 2 * 2 top * 127: 6096 for E2M1 (top 12: `burst` 4 runs add in int16 before widening),
+ * 3556 for E1M2 (8 runs), 32512 for E3M0 (top 64: one run at a time). */
+QRZ_AVX2_INLINE void fp4u_group(const uint8_t *m, const int8_t *x, int64_t K, int32_t runs, int32_t burst,
+                                __m256i lut_u, const int NT, __m256i *s32) {
     for (int t = 0; t < NT; t++) s32[t] = _mm256_setzero_si256();
     for (int32_t j0 = 0; j0 < runs; j0 += burst) {
         const int32_t j1 = j0 + burst < runs ? j0 + burst : runs;
         __m256i s16[4];
         for (int t = 0; t < NT; t++) s16[t] = _mm256_setzero_si256();
         for (int32_t j = j0; j < j1; j++) {
-            const __m256i wv = fp4_run(m + 16 * j, lut), wa = _mm256_sign_epi8(wv, wv);
-            for (int t = 0; t < NT; t++) s16[t] = _mm256_add_epi16(s16[t], nib_dot16(wa, wv, x + t * K + 32 * j));
+            const __m256i u = fp4_run(m + 16 * j, lut_u);
+            for (int t = 0; t < NT; t++)
+                s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(x + t * K + 32 * j))));
         }
         for (int t = 0; t < NT; t++) s32[t] = _mm256_add_epi32(s32[t], widen16(s16[t]));
     }
+}
+
+/* the layout's table shifted by its top value (fp4u_group), in both lanes; *top gets the top value */
+QRZ_AVX2_INLINE __m256i fp4u_table(int e, int *top, int32_t *burst) {
+    *top = qrz_fp4_lut[e][7];
+    *burst = e == 3 ? 1 : e == 2 ? 4 : 8;
+    return _mm256_broadcastsi128_si256(_mm_add_epi8(_mm_loadu_si128((const __m128i *)qrz_fp4_lut[e]), _mm_set1_epi8((char)*top)));
 }
 
 /* lane j = the sum of the lanes of v[j] */
@@ -642,10 +696,13 @@ QRZ_AVX2_INLINE __m256i hsum8x8_i32(const __m256i *v) {
 QRZ_AVX2_INLINE void fp4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
                               float *y, int64_t ldy, const int NT, const int RPG) {
     const qrz_fp4_view v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
-    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qrz_fp4_lut[v.e_w]));
-    const int32_t G = w->group, rpg = RPG > 0 ? RPG : G / 32, burst = v.e_w == 3 ? 2 : 8;
+    int top;
+    int32_t burst;
+    const __m256i lut_u = fp4u_table(v.e_w, &top, &burst);
+    const int32_t G = w->group, rpg = RPG > 0 ? RPG : G / 32;
     const int64_t K = w->cols, ng = K / G;
     const int8_t *xq = x->q + i * K;
+    const int32_t *xs = x->sums + i * ng;
     const bool grouped = qrz_acts_grouped(x->kind);
     for (int64_t r = r0; r < r1; r++) {
         const uint16_t *wd = v.d + r * ng;
@@ -656,25 +713,171 @@ QRZ_AVX2_INLINE void fp4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i,
             __m256i sums[4][8];
             for (int64_t j = 0; j < 8; j++) {
                 __m256i s32[4];
-                if (j < gn) fp4_group(codes + (g0 + j) * 16 * rpg, xq + (g0 + j) * 32 * rpg, K, rpg, burst, lut, NT, s32);
+                if (j < gn) fp4u_group(codes + (g0 + j) * 16 * rpg, xq + (g0 + j) * 32 * rpg, K, rpg, burst, lut_u, NT, s32);
                 for (int t = 0; t < NT; t++) sums[t][j] = j < gn ? s32[t] : _mm256_setzero_si256();
             }
             float ds[8];
             for (int64_t j = 0; j < gn; j++) ds[j] = _cvtsh_ss(wd[g0 + j]);
             for (int t = 0; t < NT; t++) {
-                float s[8];
-                _mm256_storeu_ps(s, _mm256_cvtepi32_ps(hsum8x8_i32(sums[t])));
+                int32_t s[8];
+                _mm256_storeu_si256((__m256i *)s, hsum8x8_i32(sums[t]));
                 const float *xd = grouped ? x->d + (i + t) * ng + g0 : NULL;   /* row kinds: one scale per row */
-                for (int64_t j = 0; j < gn; j++) acc[t] += ds[j] * (grouped ? xd[j] : 1.0f) * s[j];
+                for (int64_t j = 0; j < gn; j++)
+                    acc[t] += ds[j] * (grouped ? xd[j] : 1.0f) * (float)(s[j] - top * xs[t * ng + g0 + j]);
             }
         }
         for (int t = 0; t < NT; t++) y[(i + t) * ldy + r] = acc[t] * (grouped ? 1.0f : x->d[i + t]);
     }
 }
 
+/* Eight weight rows at once, one per float lane: the scalar kernel's per-row chain acc += (d_w * d_x,g) * sum
+ * becomes eight independent chains in one vector, each the same operations in the same order (a multiply, a
+ * multiply and an add, no fused multiply-add), so the result is still the scalar one bit for bit. This is what
+ * decoding needs: one activation row, and a float multiply-add per group that no longer waits on the previous
+ * group's. */
+/* in-place 8x8 transpose: v[a] lane j becomes v[j] lane a */
+QRZ_AVX2_INLINE void transpose8_ps(__m256 *v) {
+    const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    v[0] = _mm256_permute2f128_ps(u0, u4, 0x20); v[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    v[1] = _mm256_permute2f128_ps(u1, u5, 0x20); v[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    v[2] = _mm256_permute2f128_ps(u2, u6, 0x20); v[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    v[3] = _mm256_permute2f128_ps(u3, u7, 0x20); v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+QRZ_AVX2_INLINE void fp4_rows8(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r, float *y, int64_t ldy,
+                               const int NT, const int RPG) {
+    const qrz_fp4_view v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
+    int top;
+    int32_t burst;
+    const __m256i lut_u = fp4u_table(v.e_w, &top, &burst);
+    const int32_t G = w->group, rpg = RPG > 0 ? RPG : G / 32;
+    const int64_t K = w->cols, ng = K / G;
+    const int8_t *xq = x->q + i * K;
+    const int32_t *xs = x->sums + i * ng;
+    const bool grouped = qrz_acts_grouped(x->kind);
+    const uint16_t *wd = v.d + r * ng;
+    const uint8_t *codes = v.codes + r * (K / 2);
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+        const int64_t gn = ng - g0 < 8 ? ng - g0 : 8;
+        __m256 dws[8];   /* dws[j] lane a: row r + a's scale of group g0 + j */
+        if (gn == 8) {
+            for (int a = 0; a < 8; a++) dws[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + a * ng + g0)));
+            transpose8_ps(dws);
+        } else {
+            for (int64_t j = 0; j < gn; j++) {
+                const uint16_t *c = wd + g0 + j;
+                dws[j] = _mm256_cvtph_ps(_mm_setr_epi16((short)c[0], (short)c[ng], (short)c[2 * ng], (short)c[3 * ng],
+                                                        (short)c[4 * ng], (short)c[5 * ng], (short)c[6 * ng],
+                                                        (short)c[7 * ng]));
+            }
+        }
+        for (int64_t j = 0; j < gn; j++) {
+            const int64_t g = g0 + j;
+            __m256i sums[4][8];
+            for (int a = 0; a < 8; a++) {
+                __m256i s32[4];
+                fp4u_group(codes + a * (K / 2) + g * 16 * rpg, xq + g * 32 * rpg, K, rpg, burst, lut_u, NT, s32);
+                for (int t = 0; t < NT; t++) sums[t][a] = s32[t];
+            }
+            for (int t = 0; t < NT; t++) {
+                const __m256i total = _mm256_sub_epi32(hsum8x8_i32(sums[t]), _mm256_set1_epi32(top * xs[t * ng + g]));
+                const __m256 sc = grouped ? _mm256_mul_ps(dws[j], _mm256_set1_ps(x->d[(i + t) * ng + g])) : dws[j];
+                acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(sc, _mm256_cvtepi32_ps(total)));
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        const __m256 out = grouped ? acc[t] : _mm256_mul_ps(acc[t], _mm256_set1_ps(x->d[i + t]));
+        _mm256_storeu_ps(y + (i + t) * ldy + r, out);
+    }
+}
+
+QRZ_AVX2_INLINE void fp4_rows_any(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
+                                  float *y, int64_t ldy, const int NT, const int RPG) {
+    int64_t r = r0;
+    for (; r + 8 <= r1; r += 8) fp4_rows8(w, x, i, r, y, ldy, NT, RPG);
+    if (r < r1) fp4_rows(w, x, i, r, r1, y, ldy, NT, RPG);
+}
+
 QRZ_AVX2 static void fp4_matmul_avx2(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,
                                      int64_t ldy) {
-    NIB_DISPATCH(fp4_rows, w, x, r0, r1, y, ldy)
+    NIB_DISPATCH(fp4_rows_any, w, x, r0, r1, y, ldy)
+}
+
+/* ---- activation quantizers: I8_ROW and Q8_GROUP as types.c's scalar ones compute them (the same absmax, the
+ * same float divide and reciprocal, round half to even by cvtps under the default rounding mode, as nearbyintf),
+ * so the codes and scales are the scalar ones bit for bit; other kinds go to the scalar quantizer ---- */
+QRZ_AVX2 static inline float absmax_avx2(const float *x, int64_t n) {
+    const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + k), mask));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float amax = _mm_cvtss_f32(h);
+    for (; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
+    return amax;
+}
+
+/* q[k] = round(x[k] * inv) clamped to +-127, for n values; returns their sum */
+QRZ_AVX2 static inline int32_t round_i8_avx2(const float *x, int64_t n, float inv, int8_t *q) {
+    const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    __m256i sum = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        const __m256 v = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(x + k), vinv)));
+        const __m256i r = _mm256_cvtps_epi32(v);
+        sum = _mm256_add_epi32(sum, r);
+        const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storel_epi64((__m128i *)(q + k), _mm_packs_epi16(p16, p16));
+    }
+    int32_t s = hsum_i32(sum);
+    for (; k < n; k++) {
+        q[k] = (int8_t)fminf(127.0f, fmaxf(-127.0f, nearbyintf(x[k] * inv)));
+        s += q[k];
+    }
+    return s;
+}
+
+QRZ_AVX2 static bool quantize_acts_avx2(qrz_acts *a) {
+    const int64_t K = a->cols;
+    if (a->kind == QRZ_ACTS_I8_ROW) {
+        const int64_t ng = a->group > 0 ? K / a->group : 0;
+        for (int64_t i = 0; i < a->n; i++) {
+            const float *xi = a->f32 + i * K;
+            const float di = absmax_avx2(xi, K) / 127.0f, inv = di > 0.0f ? 1.0f / di : 0.0f;
+            a->d[i] = di;
+            if (a->sums && ng)
+                for (int64_t g = 0; g < ng; g++)
+                    a->sums[i * ng + g] = round_i8_avx2(xi + g * a->group, a->group, inv, a->q + i * K + g * a->group);
+            else
+                round_i8_avx2(xi, K, inv, a->q + i * K);
+        }
+        return true;
+    }
+    if (a->kind == QRZ_ACTS_Q8_GROUP && a->group > 0) {
+        const int64_t ng = K / a->group;
+        for (int64_t i = 0; i < a->n; i++)
+            for (int64_t g = 0; g < ng; g++) {
+                const float *xg = a->f32 + i * K + g * a->group;
+                const float dg = absmax_avx2(xg, a->group) / 127.0f, inv = dg > 0.0f ? 1.0f / dg : 0.0f;
+                a->d[i * ng + g] = dg;
+                const int32_t s = round_i8_avx2(xg, a->group, inv, a->q + i * K + g * a->group);
+                if (a->sums) a->sums[i * ng + g] = s;
+            }
+        return true;
+    }
+    return false;
 }
 
 /* ---- attention vectors ---- */
@@ -700,6 +903,7 @@ QRZ_AVX2 static void axpy_avx2(float *y, float a, const float *x, int n) {
 
 void qrz_register_avx2(void) {
     qrz_vec[QRZ_ISA_AVX2] = (qrz_vec_ops){dot_avx2, axpy_avx2};
+    qrz_acts_quantizer[QRZ_ISA_AVX2] = quantize_acts_avx2;
     qrz_register_kv_avx2();     /* KV cache rows: the last section of this file */
     qrz_types[QRZ_TYPE_F32].matmul[0][QRZ_ISA_AVX2] = f32_matmul_avx2;
     qrz_types[QRZ_TYPE_F16].matmul[0][QRZ_ISA_AVX2] = f16_matmul_avx2;

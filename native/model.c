@@ -250,7 +250,7 @@ void qrz_context_free(qrz_context *c) {
     free(c->inv_freq); free(c->inv_freq_local);
     free(c->rope_cos); free(c->rope_sin);
     free(c->x); free(c->xb); free(c->q); free(c->k); free(c->v); free(c->att); free(c->hb); free(c->hb2);
-    free(c->scores); free(c->act_q); free(c->act_d); free(c->act_e); free(c->logits); free(c->tokens);
+    free(c->scores); free(c->act_q); free(c->act_d); free(c->act_e); free(c->act_sums); free(c->logits); free(c->tokens);
     free(c);
 }
 
@@ -300,6 +300,16 @@ int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context *
     const size_t B = c->n_batch, E = c->n_embd, Q = (size_t)c->n_heads * c->head_dim,
                  KV = (size_t)c->n_kv_heads * c->head_dim, F = c->n_ff;
     const size_t max_cols = E > Q ? (E > F ? E : F) : (Q > F ? Q : F);
+    /* scales, shifts and group sums of a quantized activation row: one per group of the file's smallest group,
+     * or one per row */
+    int32_t min_group = c->output.group;
+    for (int l = 0; l < c->n_layers; l++) {
+        const qrz_layer *L = &c->layers[l];
+        const qrz_weight *ws[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (size_t k = 0; k < sizeof ws / sizeof ws[0]; k++)
+            if (ws[k]->group > 0 && (min_group <= 0 || ws[k]->group < min_group)) min_group = ws[k]->group;
+    }
+    const size_t per_row = max_cols / (size_t)(min_group > 0 ? min_group : 1) + 1;
     rc = kv_cache_new(c);
     c->rope_cos = malloc(2 * B * (c->head_dim / 2) * sizeof(float));
     c->rope_sin = malloc(2 * B * (c->head_dim / 2) * sizeof(float));
@@ -313,12 +323,13 @@ int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context *
     c->hb2 = malloc(B * F * sizeof(float));
     c->scores = malloc((size_t)qrz_pool_size(c->pool) * c->n_ctx * sizeof(float));
     c->act_q = malloc(B * max_cols);
-    c->act_d = malloc(B * max_cols * sizeof(float));
-    c->act_e = malloc(B * max_cols);
+    c->act_d = malloc(B * per_row * sizeof(float));
+    c->act_e = malloc(B * per_row);
+    c->act_sums = malloc(B * per_row * sizeof(int32_t));
     c->logits = malloc((size_t)QRZ_LOGIT_ROWS * c->n_vocab * sizeof(float));
     c->tokens = malloc((size_t)c->n_ctx * sizeof(int32_t));
     if (rc || !c->pool || !c->rope_cos || !c->rope_sin || !c->x || !c->xb || !c->q || !c->k || !c->v || !c->att ||
-        !c->hb || !c->hb2 || !c->scores || !c->act_q || !c->act_d || !c->act_e || !c->logits || !c->tokens) {
+        !c->hb || !c->hb2 || !c->scores || !c->act_q || !c->act_d || !c->act_e || !c->act_sums || !c->logits || !c->tokens) {
         qrz_set_error(err, cap, "out of memory allocating a context of %d tokens; pass a smaller ctx", c->n_ctx);
         rc = QRZ_ERR_MEMORY;
         goto fail;
@@ -374,9 +385,10 @@ static void matmul_task(void *arg, int ith, int nth) {
 static void matmul(qrz_context *c, const qrz_weight *w, const float *x, int64_t n, float *y) {
     if (c->matmul_hook) c->matmul_hook(c->matmul_hook_user, w->tensor, x, n, w->cols);
     const int path = qrz_act_path(w->type, c->act_bits);
-    matmul_job job = {w, {n, w->cols, x, qrz_acts_kind_for(w, path), c->act_q, c->act_d, c->act_e, w->group, w->data},
+    matmul_job job = {w, {n, w->cols, x, qrz_acts_kind_for(w, path), c->act_q, c->act_d, c->act_e, w->group, w->data,
+                          c->act_sums},
                       y, w->rows, qrz_matmul_for(w->type, path, c->isa)};
-    qrz_quantize_acts(&job.acts);
+    qrz_quantize_acts_isa(&job.acts, c->isa);
     qrz_pool_run(c->pool, matmul_task, &job);
 }
 
@@ -460,6 +472,27 @@ static void attention_task(void *arg, int ith, int nth) {
     }
 }
 
+/* the MLP's gate: hb = act(hb) * hb2 over n * n_ff values, split across the pool (the exp or tanh per value is
+ * what makes it worth it; each value is computed exactly as on one thread) */
+typedef struct {
+    qrz_context *c;
+    size_t count;
+} gated_job;
+
+static void gated_task(void *arg, int ith, int nth) {
+    const gated_job *job = arg;
+    qrz_context *c = job->c;
+    const size_t j0 = job->count * ith / nth, j1 = job->count * (ith + 1) / nth;
+    if (c->act == QRZ_ACT_GELU_TANH) {
+        for (size_t j = j0; j < j1; j++) c->hb[j] = gelu_tanh(c->hb[j]) * c->hb2[j];
+    } else {
+        for (size_t j = j0; j < j1; j++) {
+            const float g = c->hb[j];
+            c->hb[j] = g / (1.0f + expf(-g)) * c->hb2[j];
+        }
+    }
+}
+
 static void add_normed(float *x, float *y, const float *post_norm, int n, int E, float eps) {
     for (int i = 0; i < n; i++) {
         float *yi = y + (size_t)i * E, *xi = x + (size_t)i * E;
@@ -518,14 +551,8 @@ int qrz_forward(qrz_context *c, const int32_t *tokens, int32_t n) {
         for (int i = 0; i < n; i++) rmsnorm(c->xb + (size_t)i * E, c->x + (size_t)i * E, L->ffn_norm, E, c->norm_eps);
         matmul(c, &L->w_gate, c->xb, n, c->hb);
         matmul(c, &L->w_up, c->xb, n, c->hb2);
-        if (c->act == QRZ_ACT_GELU_TANH) {
-            for (size_t j = 0; j < (size_t)n * F; j++) c->hb[j] = gelu_tanh(c->hb[j]) * c->hb2[j];
-        } else {
-            for (size_t j = 0; j < (size_t)n * F; j++) {
-                const float g = c->hb[j];
-                c->hb[j] = g / (1.0f + expf(-g)) * c->hb2[j];
-            }
-        }
+        gated_job gj = {c, (size_t)n * F};
+        qrz_pool_run(c->pool, gated_task, &gj);
         matmul(c, &L->w_down, c->hb, n, c->xb);
         add_normed(c->x, c->xb, L->ffn_post_norm, n, E, c->norm_eps);
     }

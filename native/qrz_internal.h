@@ -85,6 +85,8 @@ typedef struct {
     uint8_t *e;                   /* [n][cols/group] SDR shifts (SDR4_ROW only) */
     int32_t group;
     const uint8_t *params;        /* the weight tensor's bytes, for kinds whose parameters it holds (FP4) */
+    int32_t *sums;                /* NULL, or [n][cols/group] the sum of q over each group: SIMD kernels that
+                                     multiply unsigned codes (m + 8) take 8 * sum(q) back off once per group */
 } qrz_acts;
 
 /* the activation kind a weight takes on path 0 (8-bit) or 1 (4-bit): the type table's, refined by the tensor's
@@ -99,8 +101,13 @@ static inline bool qrz_acts_grouped(int kind) {
 qrz_acts qrz_acts_rows(const qrz_acts *a, int64_t i0, int64_t n);
 /* scales per activation row: 1 for row kinds, cols/group for group kinds */
 int64_t qrz_acts_scales_per_row(int kind, int64_t cols, int32_t group);
-/* quantizes x[n][cols] into a->q/d/e as a->kind says (the buffers must be allocated); scalar, the reference */
+/* quantizes x[n][cols] into a->q/d/e (and a->sums when set) as a->kind says (the buffers must be allocated);
+ * scalar, the reference */
 void qrz_quantize_acts(qrz_acts *a);
+/* per ISA: NULL, or a quantizer giving the scalar one's bytes, which returns false for kinds it leaves to it */
+extern bool (*qrz_acts_quantizer[QRZ_ISA_COUNT])(qrz_acts *a);
+/* the ISA's quantizer where it has one for a->kind, else the scalar one */
+void qrz_quantize_acts_isa(qrz_acts *a, int isa);
 
 /* y[i*ldy + r] = dot(W row r, activation row i) for rows r in [r0, r1), all n activation rows */
 typedef void (*qrz_matmul_fn)(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1,
@@ -245,8 +252,9 @@ struct qrz_context {
     float *scores;                                /* [n_threads][n_ctx] attention weights */
     int act_bits;                                 /* 8 or 4: which activation path quantized matmuls take */
     int8_t *act_q;                                /* [n_batch][max cols] quantized activations */
-    float *act_d;                                 /* [n_batch][max cols] their scales (upper bound) */
-    uint8_t *act_e;                               /* [n_batch][max cols] SDR shifts (upper bound) */
+    float *act_d;                                 /* [n_batch][max cols / min group + 1] their scales */
+    uint8_t *act_e;                               /* [n_batch][max cols / min group + 1] SDR shifts */
+    int32_t *act_sums;                            /* [n_batch][max cols / min group + 1] group sums of act_q */
     float *logits;                                /* [LOGIT_ROWS][n_vocab] */
     /* the sequence held in the KV cache */
     int32_t *tokens;                              /* [n_ctx] */

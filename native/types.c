@@ -521,6 +521,24 @@ void qrz_quantize_acts(qrz_acts *a) {
     case QRZ_ACTS_SQ4_GROUP: quantize_groups_sq4(a->f32, a->n, a->cols, a->group, a->params, a->q, a->d); break;
     default: break;
     }
+    if (a->sums && a->kind != QRZ_ACTS_F32 && a->group > 0) {
+        const int64_t ng = a->cols / a->group;
+        for (int64_t i = 0; i < a->n; i++)
+            for (int64_t g = 0; g < ng; g++) {
+                const int8_t *qg = a->q + i * a->cols + g * a->group;
+                int32_t s = 0;
+                for (int32_t k = 0; k < a->group; k++) s += qg[k];
+                a->sums[i * ng + g] = s;
+            }
+    }
+}
+
+bool (*qrz_acts_quantizer[QRZ_ISA_COUNT])(qrz_acts *a);
+
+void qrz_quantize_acts_isa(qrz_acts *a, int isa) {
+    qrz_types_init();
+    if (isa > 0 && isa < QRZ_ISA_COUNT && qrz_acts_quantizer[isa] && qrz_acts_quantizer[isa](a)) return;
+    qrz_quantize_acts(a);
 }
 
 int64_t qrz_acts_scales_per_row(int kind, int64_t cols, int32_t group) {
@@ -541,6 +559,7 @@ qrz_acts qrz_acts_rows(const qrz_acts *a, int64_t i0, int64_t n) {
         sub.q += i0 * a->cols;
         sub.d += i0 * qrz_acts_scales_per_row(a->kind, a->cols, a->group);
         if (a->e) sub.e += i0 * (a->cols / a->group);
+        if (a->sums) sub.sums += i0 * (a->cols / a->group);
     }
     return sub;
 }
@@ -620,18 +639,20 @@ int qrz_kernel_matmul(int isa, int type, int32_t group, int32_t act_bits, const 
     const int path = qrz_act_path(type, act_bits);
     qrz_weight w = {type, group, rows, cols, wdata, -1};
     if (qrz_types[type].check && qrz_types[type].check(&w)) return QRZ_ERR_ARG;
-    qrz_acts a = {n, cols, x, qrz_acts_kind_for(&w, path), NULL, NULL, NULL, group, wdata};
+    qrz_acts a = {n, cols, x, qrz_acts_kind_for(&w, path), NULL, NULL, NULL, group, wdata, NULL};
     if (a.kind != QRZ_ACTS_F32) {
         a.q = malloc((size_t)(n * cols));
         a.d = malloc((size_t)(n * cols) * sizeof(float));
         a.e = malloc((size_t)(n * cols));
-        if (!a.q || !a.d || !a.e) { free(a.q); free(a.d); free(a.e); return QRZ_ERR_MEMORY; }
-        qrz_quantize_acts(&a);
+        a.sums = malloc((size_t)(n * cols) * sizeof(int32_t));
+        if (!a.q || !a.d || !a.e || !a.sums) { free(a.q); free(a.d); free(a.e); free(a.sums); return QRZ_ERR_MEMORY; }
+        qrz_quantize_acts_isa(&a, isa);
     }
     qrz_matmul_for(type, path, isa)(&w, &a, 0, rows, y, rows);
     free(a.q);
     free(a.d);
     free(a.e);
+    free(a.sums);
     return QRZ_OK;
 }
 

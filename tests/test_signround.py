@@ -120,12 +120,30 @@ def test_rounder_gradients_reach_offsets_and_clipping():
     w, energy = _weights(seed=3)
     for fmt, group, _, extra in ROUNDER_CASES:
         r = sr.ROUNDERS[fmt](torch, w, group, energy, **extra)
-        for t in r.params():
-            t.requires_grad_(True)
+        r.V.requires_grad_(True)
+        r.alpha.requires_grad_(True)
         target = torch.from_numpy(w)
         ((r.fake() - target) ** 2).sum().backward()
         assert r.V.grad is not None and float(r.V.grad.abs().sum()) > 0, fmt
         assert r.alpha.grad is not None and float(r.alpha.grad.abs().sum()) > 0, fmt
+        # what SignSGD moves: V always, alpha only where the rounder says so
+        assert any(t is r.V for t in r.params()), fmt
+        assert any(t is r.alpha for t in r.params()) == r.TUNE_ALPHA, fmt
+
+
+def test_scale_gradient_leans_one_way():
+    """why alpha is not tuned (Rounder.TUNE_ALPHA): the straight-through gradient of the weight error with respect
+    to alpha is 2 d (value - w/d)^2 >= 0 for every weight inside the range, so only clipped weights pull the scale
+    back up. INT4 starts unclipped (alpha = 1), and FP4's nearest-code lookup passes the gradient even past its top
+    code: in both, every group's gradient says shrink"""
+    w, energy = _weights(seed=4)
+    for fmt, group, _, extra in [case for case in ROUNDER_CASES if case[0] in ("int4", "fp4")]:
+        r = sr.ROUNDERS[fmt](torch, w, group, energy, **extra)
+        r.alpha.requires_grad_(True)
+        ((r.fake() - torch.from_numpy(w)) ** 2).sum().backward()
+        g = r.alpha.grad.numpy()
+        assert np.all(g >= -1e-6 * np.abs(g).max()), fmt
+        assert np.mean(g > 0) > 0.5, fmt
 
 
 def _calib_text(tmp_path):

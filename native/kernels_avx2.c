@@ -648,10 +648,10 @@ QRZ_AVX2 static void sq_matmul_avx2(const qrz_weight *w, const qrz_acts *x, int6
     NIB_DISPATCH(sq_rows, w, x, r0, r1, y, ldy)
 }
 
-/* ---- FP4 x Q8_GROUP or FP4 lanes (row or group scales): the codes through the layout's 16-entry table (one pshufb)
- * into int8 lanes, the INT4 sign trick into maddubs, exact int32 group sums; eight groups' sums are reduced into
- * one vector and the float multiply-adds then run in the scalar kernel's order, so the result is the scalar one
- * bit for bit ---- */
+/* ---- FP4 x Q8_GROUP or FP4 lanes (row or group scales): the codes through the layout's 16-entry table, shifted to
+ * be unsigned (one pshufb), straight into maddubs, exact int32 group sums; eight sums are reduced into one vector
+ * and the float multiply-adds then run in the scalar kernel's order, so the result is the scalar one bit for
+ * bit ---- */
 QRZ_AVX2_INLINE __m256i fp4_run(const uint8_t *p, __m256i lut) {
     const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
     const __m256i v = _mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
@@ -679,11 +679,33 @@ QRZ_AVX2_INLINE void fp4u_group(const uint8_t *m, const int8_t *x, int64_t K, in
     }
 }
 
-/* the layout's table shifted by its top value (fp4u_group), in both lanes; *top gets the top value */
-QRZ_AVX2_INLINE __m256i fp4u_table(int e, int *top, int32_t *burst) {
-    *top = qrz_fp4_lut[e][7];
-    *burst = e == 3 ? 1 : e == 2 ? 4 : 8;
-    return _mm256_broadcastsi128_si256(_mm_add_epi8(_mm_loadu_si128((const __m128i *)qrz_fp4_lut[e]), _mm_set1_epi8((char)*top)));
+/* what both FP4 row kernels set up: the tensor's planes, the layout's table shifted by its top value
+ * (fp4u_group) in both lanes, and the activation rows from i on */
+typedef struct {
+    qrz_fp4_view v;
+    __m256i lut_u;
+    int top;
+    int32_t burst, rpg;
+    int64_t K, ng;
+    const int8_t *xq;
+    const int32_t *xs;
+    bool grouped;
+} fp4_setup;
+
+QRZ_AVX2_INLINE fp4_setup fp4_setup_of(const qrz_weight *w, const qrz_acts *x, int64_t i, const int RPG) {
+    fp4_setup f;
+    f.v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
+    f.top = qrz_fp4_lut[f.v.e_w][7];
+    f.burst = f.v.e_w == 3 ? 1 : f.v.e_w == 2 ? 4 : 8;
+    f.lut_u = _mm256_broadcastsi128_si256(
+        _mm_add_epi8(_mm_loadu_si128((const __m128i *)qrz_fp4_lut[f.v.e_w]), _mm_set1_epi8((char)f.top)));
+    f.rpg = RPG > 0 ? RPG : w->group / 32;
+    f.K = w->cols;
+    f.ng = w->cols / w->group;
+    f.xq = x->q + i * f.K;
+    f.xs = x->sums + i * f.ng;
+    f.grouped = qrz_acts_grouped(x->kind);
+    return f;
 }
 
 /* lane j = the sum of the lanes of v[j] */
@@ -695,25 +717,17 @@ QRZ_AVX2_INLINE __m256i hsum8x8_i32(const __m256i *v) {
 
 QRZ_AVX2_INLINE void fp4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
                               float *y, int64_t ldy, const int NT, const int RPG) {
-    const qrz_fp4_view v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
-    int top;
-    int32_t burst;
-    const __m256i lut_u = fp4u_table(v.e_w, &top, &burst);
-    const int32_t G = w->group, rpg = RPG > 0 ? RPG : G / 32;
-    const int64_t K = w->cols, ng = K / G;
-    const int8_t *xq = x->q + i * K;
-    const int32_t *xs = x->sums + i * ng;
-    const bool grouped = qrz_acts_grouped(x->kind);
+    const fp4_setup f = fp4_setup_of(w, x, i, RPG);
     for (int64_t r = r0; r < r1; r++) {
-        const uint16_t *wd = v.d + r * ng;
-        const uint8_t *codes = v.codes + r * (K / 2);
+        const uint16_t *wd = f.v.d + r * f.ng;
+        const uint8_t *codes = f.v.codes + r * (f.K / 2);
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int64_t g0 = 0; g0 < ng; g0 += 8) {
-            const int64_t gn = ng - g0 < 8 ? ng - g0 : 8;
+        for (int64_t g0 = 0; g0 < f.ng; g0 += 8) {
+            const int64_t gn = f.ng - g0 < 8 ? f.ng - g0 : 8;
             __m256i sums[4][8];
             for (int64_t j = 0; j < 8; j++) {
                 __m256i s32[4];
-                if (j < gn) fp4u_group(codes + (g0 + j) * 16 * rpg, xq + (g0 + j) * 32 * rpg, K, rpg, burst, lut_u, NT, s32);
+                if (j < gn) fp4u_group(codes + (g0 + j) * 16 * f.rpg, f.xq + (g0 + j) * 32 * f.rpg, f.K, f.rpg, f.burst, f.lut_u, NT, s32);
                 for (int t = 0; t < NT; t++) sums[t][j] = j < gn ? s32[t] : _mm256_setzero_si256();
             }
             float ds[8];
@@ -721,12 +735,12 @@ QRZ_AVX2_INLINE void fp4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i,
             for (int t = 0; t < NT; t++) {
                 int32_t s[8];
                 _mm256_storeu_si256((__m256i *)s, hsum8x8_i32(sums[t]));
-                const float *xd = grouped ? x->d + (i + t) * ng + g0 : NULL;   /* row kinds: one scale per row */
+                const float *xd = f.grouped ? x->d + (i + t) * f.ng + g0 : NULL;   /* row kinds: one scale per row */
                 for (int64_t j = 0; j < gn; j++)
-                    acc[t] += ds[j] * (grouped ? xd[j] : 1.0f) * (float)(s[j] - top * xs[t * ng + g0 + j]);
+                    acc[t] += ds[j] * (f.grouped ? xd[j] : 1.0f) * (float)(s[j] - f.top * f.xs[t * f.ng + g0 + j]);
             }
         }
-        for (int t = 0; t < NT; t++) y[(i + t) * ldy + r] = acc[t] * (grouped ? 1.0f : x->d[i + t]);
+        for (int t = 0; t < NT; t++) y[(i + t) * ldy + r] = acc[t] * (f.grouped ? 1.0f : x->d[i + t]);
     }
 }
 
@@ -753,31 +767,23 @@ QRZ_AVX2_INLINE void transpose8_ps(__m256 *v) {
 
 QRZ_AVX2_INLINE void fp4_rows8(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r, float *y, int64_t ldy,
                                const int NT, const int RPG) {
-    const qrz_fp4_view v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
-    int top;
-    int32_t burst;
-    const __m256i lut_u = fp4u_table(v.e_w, &top, &burst);
-    const int32_t G = w->group, rpg = RPG > 0 ? RPG : G / 32;
-    const int64_t K = w->cols, ng = K / G;
-    const int8_t *xq = x->q + i * K;
-    const int32_t *xs = x->sums + i * ng;
-    const bool grouped = qrz_acts_grouped(x->kind);
-    const uint16_t *wd = v.d + r * ng;
-    const uint8_t *codes = v.codes + r * (K / 2);
+    const fp4_setup f = fp4_setup_of(w, x, i, RPG);
+    const uint16_t *wd = f.v.d + r * f.ng;
+    const uint8_t *codes = f.v.codes + r * (f.K / 2);
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t g0 = 0; g0 < ng; g0 += 8) {
-        const int64_t gn = ng - g0 < 8 ? ng - g0 : 8;
+    for (int64_t g0 = 0; g0 < f.ng; g0 += 8) {
+        const int64_t gn = f.ng - g0 < 8 ? f.ng - g0 : 8;
         __m256 dws[8];   /* dws[j] lane a: row r + a's scale of group g0 + j */
         if (gn == 8) {
-            for (int a = 0; a < 8; a++) dws[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + a * ng + g0)));
+            for (int a = 0; a < 8; a++) dws[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + a * f.ng + g0)));
             transpose8_ps(dws);
         } else {
             for (int64_t j = 0; j < gn; j++) {
                 const uint16_t *c = wd + g0 + j;
-                dws[j] = _mm256_cvtph_ps(_mm_setr_epi16((short)c[0], (short)c[ng], (short)c[2 * ng], (short)c[3 * ng],
-                                                        (short)c[4 * ng], (short)c[5 * ng], (short)c[6 * ng],
-                                                        (short)c[7 * ng]));
+                dws[j] = _mm256_cvtph_ps(_mm_setr_epi16((short)c[0], (short)c[f.ng], (short)c[2 * f.ng], (short)c[3 * f.ng],
+                                                        (short)c[4 * f.ng], (short)c[5 * f.ng], (short)c[6 * f.ng],
+                                                        (short)c[7 * f.ng]));
             }
         }
         for (int64_t j = 0; j < gn; j++) {
@@ -785,18 +791,18 @@ QRZ_AVX2_INLINE void fp4_rows8(const qrz_weight *w, const qrz_acts *x, int64_t i
             __m256i sums[4][8];
             for (int a = 0; a < 8; a++) {
                 __m256i s32[4];
-                fp4u_group(codes + a * (K / 2) + g * 16 * rpg, xq + g * 32 * rpg, K, rpg, burst, lut_u, NT, s32);
+                fp4u_group(codes + a * (f.K / 2) + g * 16 * f.rpg, f.xq + g * 32 * f.rpg, f.K, f.rpg, f.burst, f.lut_u, NT, s32);
                 for (int t = 0; t < NT; t++) sums[t][a] = s32[t];
             }
             for (int t = 0; t < NT; t++) {
-                const __m256i total = _mm256_sub_epi32(hsum8x8_i32(sums[t]), _mm256_set1_epi32(top * xs[t * ng + g]));
-                const __m256 sc = grouped ? _mm256_mul_ps(dws[j], _mm256_set1_ps(x->d[(i + t) * ng + g])) : dws[j];
+                const __m256i total = _mm256_sub_epi32(hsum8x8_i32(sums[t]), _mm256_set1_epi32(f.top * f.xs[t * f.ng + g]));
+                const __m256 sc = f.grouped ? _mm256_mul_ps(dws[j], _mm256_set1_ps(x->d[(i + t) * f.ng + g])) : dws[j];
                 acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(sc, _mm256_cvtepi32_ps(total)));
             }
         }
     }
     for (int t = 0; t < NT; t++) {
-        const __m256 out = grouped ? acc[t] : _mm256_mul_ps(acc[t], _mm256_set1_ps(x->d[i + t]));
+        const __m256 out = f.grouped ? acc[t] : _mm256_mul_ps(acc[t], _mm256_set1_ps(x->d[i + t]));
         _mm256_storeu_ps(y + (i + t) * ldy + r, out);
     }
 }

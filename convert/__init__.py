@@ -6,6 +6,7 @@ Streams tensor by tensor (peak memory is about the largest tensor, not the model
 name, renamed into place only when complete: a failed or interrupted run leaves no .qrz behind.
 """
 import contextlib
+import copy
 import os
 import sys
 
@@ -20,6 +21,10 @@ from .tokenizer import tokenizer_metadata
 __all__ = ["convert", "ConvertError", "FORMATS"]
 
 GGUF_MAGIC = b"GGUF"
+# calibration tokens after the --calib-tokens ones, held out to choose between a format's roundings (sq's error
+# feedback or not) by the whole model's perplexity; fewer than HELD_OUT_MIN of them and the first rounding is kept
+HELD_OUT_TOKENS = 4096
+HELD_OUT_MIN = 256
 
 
 def _is_gguf(path):
@@ -88,37 +93,61 @@ def _float_model(hf_dir, out_path, progress):
         os.unlink(tmp)
 
 
-def _calibration_ids(model, calib, calib_tokens, progress):
+def _calibration_ids(model, calib, calib_tokens, progress, held_out=0):
+    """the first calib_tokens tokens of the calibration text; held_out > 0: (those, up to held_out tokens after
+    them)"""
     try:
         with open(calib, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConvertError(f"cannot read the calibration text '{calib}': {exc}; give a UTF-8 text file")
-    ids = model.tokenize(text, special=False)[:calib_tokens]
+    all_ids = model.tokenize(text, special=False)
+    ids = all_ids[:calib_tokens]
     if len(ids) < 64:
         raise ConvertError(f"the calibration text '{calib}' has only {len(ids)} tokens; give at least a few "
                            f"thousand")
     if progress:
         print(f"calibrating on {len(ids)} tokens of {os.path.basename(calib)}", file=sys.stderr, flush=True)
-    return ids
+    return (ids, all_ids[calib_tokens:calib_tokens + held_out]) if held_out else ids
 
 
-def _calibrate(hf_dir, out_path, calib, calib_tokens, progress, samples=0):
-    """{tensor name: Calibration} of every matmul's input while the model (converted to a temporary f16 .qrz
+def _calibrate(hf_dir, out_path, calib, calib_tokens, progress, samples=0, held_out=0):
+    """({tensor name: Calibration} of every matmul's input while the model (converted to a temporary f16 .qrz
     beside the output, then removed) reads `calib_tokens` tokens of the calibration text: mean x x^T, and with
-    samples > 0 also max |x| per column and `samples` input rows."""
+    samples > 0 also max |x| per column and `samples` input rows; up to `held_out` tokens that follow them)"""
     with _float_model(hf_dir, out_path, progress) as model:
-        ids = _calibration_ids(model, calib, calib_tokens, progress)
+        ids, rest = _calibration_ids(model, calib, calib_tokens, progress, held_out=max(held_out, 1))
         stats = model.input_statistics(ids, window=512, gram=True, samples=samples)
-    return {name: Calibration(*s) if samples else Calibration(gram=s) for name, s in stats.items()}
+    return {name: Calibration(*s) if samples else Calibration(gram=s) for name, s in stats.items()}, \
+        rest[:held_out]
+
+
+def _keep_best_by_held_out(paths, held_out, out_path, progress):
+    """paths {rounding: a complete candidate file}: score each on the held-out calibration tokens (perplexity,
+    default activations, windows of 512) and move the best (ties to the first) to out_path -> {rounding: ppl}"""
+    import pyqrt
+    scores = {}
+    for rounding, path in paths.items():
+        model = pyqrt.load(path, ctx=512)
+        scores[rounding] = model.perplexity(held_out, window=512)
+        del model
+        if progress:
+            print(f"rounding '{rounding}': perplexity {scores[rounding]:.3f} on {len(held_out)} held-out "
+                  f"calibration tokens", file=sys.stderr, flush=True)
+    best = min(scores, key=lambda r: (scores[r], list(paths).index(r)))
+    os.replace(paths[best], out_path)
+    if progress:
+        print(f"kept rounding '{best}'", file=sys.stderr, flush=True)
+    return scores
 
 
 def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=None, calib_tokens=16384,
             sparse=None, signround=False, iters=None, samples=None, seqlen=None):
     """Convert a Hugging Face model directory, or a GGUF file, into a .qrz. Returns the output path.
     group_size None: the format's default (docs/QUANTIZATION.md says how each was chosen). calib: a UTF-8 text
-    file; formats that can use it (sdr, fp4) then round each matrix against the inputs it meets on that text, so the
-    error of its output, not of its weights, is kept small (never give the evaluation text). sparse: sq's
+    file; formats that can use it (sdr, fp4, sq) then round each matrix against the inputs it meets on that text, so
+    the error of its output, not of its weights, is kept small (never give the evaluation text); sq writes one
+    candidate per rounding and keeps the one with the lower perplexity on up to HELD_OUT_TOKENS tokens after them. sparse: sq's
     high-precision fraction (default sq.DEFAULT_SPARSE); an error for the other formats. signround: learn each
     block's rounding and clipping on the calib text (convert/signround.py; needs torch), iters steps per block on
     samples sequences of seqlen tokens (defaults there)."""
@@ -146,7 +175,7 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
         raise ConvertError(f"--format {fmt} needs a group size that is a multiple of {multiple} and at most "
                            f"{max_group}, got {group_size}")
 
-    calibration, signround_ids = {}, None
+    calibration, signround_ids, held_out = {}, None, []
     if (iters is not None or samples is not None or seqlen is not None) and not signround:
         raise ConvertError("--iters, --samples and --seqlen are SignRound's; add --signround")
     if signround:
@@ -166,8 +195,9 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
         with _float_model(hf_dir, out_path, progress) as model:
             signround_ids = _calibration_ids(model, calib, samples * seqlen, progress)
     elif calib is not None and getattr(fmt_module, "CALIBRATED", False):
-        calibration = _calibrate(hf_dir, out_path, calib, calib_tokens, progress,
-                           samples=getattr(fmt_module, "SAMPLE_ROWS", 0))
+        calibration, held_out = _calibrate(hf_dir, out_path, calib, calib_tokens, progress,
+                                           samples=getattr(fmt_module, "SAMPLE_ROWS", 0),
+                                           held_out=HELD_OUT_TOKENS if hasattr(fmt_module, "ROUNDINGS") else 0)
 
     if _is_gguf(hf_dir):
         from .gguf import GGUFModel   # reads through the `gguf` package, imported only for GGUF input
@@ -234,23 +264,45 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
             # each block's loss (mean squared error of its output) at the start and where tuning ended
             meta["quant.signround_first_loss"] = KV(ARRAY, [r["first_loss"] for r in reports], F32)
             meta["quant.signround_best_loss"] = KV(ARRAY, [r["best_loss"] for r in reports], F32)
+        # a format with several roundings (sq) writes one candidate file per rounding when there is held-out
+        # calibration text to choose by; otherwise the first rounding straight into out_path
+        roundings = getattr(fmt_module, "ROUNDINGS", ())[:1]
+        if calibration and len(held_out) >= HELD_OUT_MIN:
+            roundings = fmt_module.ROUNDINGS
+            meta["quant.rounding_choice"] = (f"of {', '.join(roundings)}, the lower perplexity on {len(held_out)} "
+                                             f"held-out tokens of {os.path.basename(calib)}")
+        paths = {r: f"{out_path}.{r}-{os.getpid()}" for r in roundings} if len(roundings) > 1 else \
+            {r: out_path for r in roundings or (None,)}
         try:
-            with QrzWriter(out_path, meta, specs) as writer:
+            with contextlib.ExitStack() as stack:
+                writers = {r: stack.enter_context(QrzWriter(path, {**meta, "quant.rounding": r} if calibration and r else meta,
+                                                            copy.deepcopy(specs)))
+                           for r, path in paths.items()}
                 for name, module, group in _progress(plans, progress, f"{fmt} {os.path.basename(out_path)}"):
                     w = transform(arch, name, source.load(name))
                     if module is None:
                         data = f32_format.quantize(w)
                     elif name in tuned and module is fmt_module:
                         data = tuned.pop(name)
+                    elif name in calibration and module is fmt_module and roundings:
+                        data = module.quantize_roundings(w, group, calib=calibration.pop(name), sparse=sparse,
+                                                         roundings=roundings)
                     elif name in calibration and getattr(module, "CALIBRATED", False):
                         data = module.quantize(w, group, calib=calibration.pop(name),
                                                **_sparse_args(module, group, sparse)[1])
                     else:
                         data = module.quantize(w, group, **_sparse_args(module, group, sparse)[1])
-                    writer.write_tensor(name, data)
+                    for r, writer in writers.items():
+                        writer.write_tensor(name, data[r] if isinstance(data, dict) else data)
                     del w, data
+            if len(paths) > 1:
+                _keep_best_by_held_out(paths, held_out, out_path, progress)
         except OSError as exc:
             raise ConvertError(f"writing '{out_path}' failed: {exc}")
+        finally:
+            for path in paths.values():
+                if path != out_path and os.path.exists(path):
+                    os.unlink(path)
     finally:
         source.close()
     return out_path

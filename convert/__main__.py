@@ -19,7 +19,9 @@ def main(argv=None):
     parser.add_argument("--calib", metavar="TEXT_FILE",
                         help="UTF-8 calibration text; sdr then rounds each matrix against the inputs it meets on this "
                              "text (error feedback, as GPTQ), fp4 searches its weight and activation layouts, scales "
-                             "and channel offsets against them. Never the text you evaluate on")
+                             "and channel offsets against them, sq weighs its slots, finds its outlier channels and "
+                             "keeps whichever of two roundings scores better on the text after --calib-tokens. Never "
+                             "the text you evaluate on")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default: 16384)")
     parser.add_argument("--sparse", type=float, default=None,
                         help="sq: the fraction of each group's weights kept as int8 (and, with --calib, of the input "

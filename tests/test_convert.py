@@ -602,6 +602,52 @@ def test_calibrated_sdr_conversion(tiny_hf, tmp_path):
         convert(tiny_hf, tmp_path / "x.qrz", fmt="sdr", progress=False, calib=str(tmp_path / "missing.txt"))
 
 
+def test_sq_keeps_the_rounding_with_the_lower_held_out_perplexity(tiny_hf, tmp_path, monkeypatch):
+    """sq --calib writes a candidate per rounding (error feedback, nearest), scores each on the calibration tokens
+    after the --calib-tokens ones, keeps the lower one under the output name and removes the other; with too few
+    held-out tokens there is one file, rounded with feedback. A failure while scoring leaves nothing behind."""
+    import convert as convert_pkg
+    from convert.formats import sq
+    from pyqrt.model import QrzFile
+    calib = tmp_path / "calib.txt"
+    calib.write_text("a quiet river runs under old stone bridges, past mills and gardens. " * 200, encoding="utf-8")
+    seen = {}
+    real_keep = convert_pkg._keep_best_by_held_out
+
+    def keep(paths, held_out, out_path, progress):
+        seen["held_out"] = list(held_out)
+        seen["candidates"] = {r: open(p, "rb").read() for r, p in paths.items()}
+        seen["scores"] = real_keep(paths, held_out, out_path, progress)
+        return seen["scores"]
+    monkeypatch.setattr(convert_pkg, "_keep_best_by_held_out", keep)
+    out = convert(tiny_hf, tmp_path / "sq.qrz", fmt="sq", group_size=32, progress=False, calib=str(calib),
+                  calib_tokens=512)
+    meta = QrzFile(str(out)).metadata
+    scores = seen["scores"]
+    assert set(scores) == set(sq.ROUNDINGS) and len(seen["held_out"]) >= convert_pkg.HELD_OUT_MIN
+    assert meta["quant.rounding"] == min(scores, key=scores.get)
+    assert "held-out tokens of calib.txt" in meta["quant.rounding_choice"]
+    assert seen["candidates"]["feedback"] != seen["candidates"]["nearest"]   # the two roundings differ
+    assert open(out, "rb").read() == seen["candidates"][meta["quant.rounding"]]
+    assert abs(pyqrt.load(out, ctx=512).perplexity(seen["held_out"], window=512) - scores[meta["quant.rounding"]]) \
+        < 1e-9 * scores[meta["quant.rounding"]]
+    assert sorted(os.listdir(tmp_path)) == ["calib.txt", "sq.qrz"]
+    # too little held-out text: no choice, one file with error feedback
+    seen.clear()
+    short = convert(tiny_hf, tmp_path / "short.qrz", fmt="sq", group_size=32, progress=False, calib=str(calib),
+                    calib_tokens=10 ** 6)
+    assert not seen and QrzFile(str(short)).metadata["quant.rounding"] == "feedback"
+    assert "quant.rounding_choice" not in QrzFile(str(short)).metadata
+
+    def broken(paths, held_out, out_path, progress):
+        raise RuntimeError("scoring failed")
+    monkeypatch.setattr(convert_pkg, "_keep_best_by_held_out", broken)
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        convert(tiny_hf, tmp_path / "broken.qrz", fmt="sq", group_size=32, progress=False, calib=str(calib),
+                calib_tokens=512)
+    assert sorted(os.listdir(tmp_path)) == ["calib.txt", "short.qrz", "sq.qrz"]
+
+
 @pytest.mark.parametrize("fmt,group,multiple", [("sdr", 24, 16), ("sdr", 512, 16), ("int4", 40, 16), ("fp4", 48, 32)])
 def test_4bit_formats_refuse_group_sizes_they_cannot_store(tiny_hf, tmp_path, fmt, group, multiple):
     from convert import ConvertError

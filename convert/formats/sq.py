@@ -37,6 +37,7 @@ HEADER_BYTES = 64
 SCALE_CANDIDATES = np.linspace(0.6, 1.0, 9, dtype=np.float32)   # clipping of the dense part, per group
 HOT_MULTIPLES = (1, 2, 4)     # hot channels the activation search tries: these times round(sparse * cols)
 ACT_CLIPS = (1.0, 0.9, 0.8)   # cold-channel clippings it tries
+ROUNDINGS = ("feedback", "nearest")   # with --calib, the converter keeps whichever does better on held-out text
 
 
 def slots_for(group, sparse):
@@ -98,14 +99,14 @@ def quantize_parts(w, group, k, col_weight=None):
     return d16, q.astype(np.int8).reshape(rows, cols), pos, vals
 
 
-def gptq_parts(w, group, k, gram, damp=0.1, block=128):
+def gptq_parts(w, group, k, gram, damp=0.1, block=128, with_plain=False):
     """quantize_parts' grids (each group's scale and slot positions, chosen on the original weights), then the
     codes rounded by error feedback against the calibration inputs (GPTQ's column-by-column rounding with static
     groups, our own implementation, as sdr.gptq_parts): columns in order of decreasing input energy (diag H), each
     rounded on its group's grid (int8 at a slot position, 4-bit elsewhere) and its error spread over the columns
     not rounded yet through the Cholesky factor of H^-1. damp: added to H's diagonal as a fraction of its mean.
     Each row keeps whichever of this and the plain rounding has the smaller output error (w - ŵ) H (w - ŵ)^T.
-    -> (d16, q, pos, vals) as quantize_parts"""
+    -> (d16, q, pos, vals) as quantize_parts; with_plain: (those, the plain rounding's)"""
     w = np.ascontiguousarray(w, np.float32)
     rows, cols = w.shape
     H = np.asarray(gram, np.float64)
@@ -113,7 +114,7 @@ def gptq_parts(w, group, k, gram, damp=0.1, block=128):
     plain = quantize_parts(w, group, k, np.maximum(diag, 0))
     dead = ~(diag > 0)                               # inputs that were always zero: their weights never count
     if dead.all():
-        return plain
+        return (plain, plain) if with_plain else plain
     d16, _, pos, _ = plain
     ng = cols // group
     is_slot = np.zeros((rows, ng, group), bool)
@@ -152,7 +153,8 @@ def gptq_parts(w, group, k, gram, damp=0.1, block=128):
         delta = (dequantize_parts(*parts, group) - w).astype(np.float64)
         return np.einsum("rc,rc->r", delta @ H, delta)
     take = loss((d16, q, pos, vals)) <= loss(plain)
-    return (d16, np.where(take[:, None], q, plain[1]), pos, np.where(take[:, None, None], vals, plain[3]))
+    fed = (d16, np.where(take[:, None], q, plain[1]), pos, np.where(take[:, None, None], vals, plain[3]))
+    return (fed, plain) if with_plain else fed
 
 
 def dequantize_parts(d16, q, pos, vals, group):
@@ -259,23 +261,41 @@ def unpack(buf, rows, cols, group):
             "pos": slots[..., 0].copy(), "vals": slots[..., 1].view(np.int8).copy()}
 
 
-def quantize(w, group, calib=None, sparse=DEFAULT_SPARSE):
+def quantize(w, group, calib=None, sparse=DEFAULT_SPARSE, rounding="feedback"):
     """the tensor's bytes: k = round(sparse * group) slots per group; with a Calibration, the importance and error
-    weights from its Gram matrix and the codes by error feedback against it (gptq_parts), and the hot activation
-    channels and cold clipping searched on its sample rows"""
+    weights from its Gram matrix, the codes by error feedback against it (gptq_parts; rounding="nearest": rounded
+    to nearest on the same grids instead), and the hot activation channels and cold clipping searched on its
+    sample rows"""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return quantize_roundings(w, group, calib, sparse, (rounding,))[rounding]
+
+
+def quantize_roundings(w, group, calib=None, sparse=DEFAULT_SPARSE, roundings=ROUNDINGS):
+    """{rounding: the tensor's bytes} for each of roundings (one Cholesky factor for both). The converter writes
+    a candidate file per rounding and keeps the one with the lower perplexity on held-out calibration text: error
+    feedback halves each layer's output error on its own inputs, yet on Gemma-3 it raised the model's perplexity
+    (docs/QUANTIZATION.md), so whether it helps is measured on the whole model."""
     w = np.ascontiguousarray(w, np.float32)
     rows, cols = w.shape
     k = slots_for(group, sparse)
     nbytes(rows, cols, group, k)
     if calib is None or calib.gram is None:
-        d16, q, pos, vals = quantize_parts(w, group, k)
+        plain = quantize_parts(w, group, k)
+        candidates = {"feedback": plain, "nearest": plain}
     else:
-        d16, q, pos, vals = gptq_parts(w, group, k, calib.gram)
-    if calib is None or calib.absmax is None or calib.samples is None or not np.max(calib.absmax) > 0:
-        return pack(d16, q, pos, vals)
-    hot, clip = search_acts(dequantize_parts(d16, q, pos, vals, group), calib.absmax, calib.samples, group,
-                            int(round(sparse * cols)))
-    return pack(d16, q, pos, vals, hot, clip)
+        fed, plain = gptq_parts(w, group, k, calib.gram, with_plain=True)
+        candidates = {"feedback": fed, "nearest": plain}
+    out = {}
+    for rounding in roundings:
+        parts = candidates[rounding]
+        if calib is None or calib.absmax is None or calib.samples is None or not np.max(calib.absmax) > 0:
+            out[rounding] = pack(*parts)
+            continue
+        hot, clip = search_acts(dequantize_parts(*parts, group), calib.absmax, calib.samples, group,
+                                int(round(sparse * cols)))
+        out[rounding] = pack(*parts, hot, clip)
+    return out
 
 
 def dequantize(buf, rows, cols, group):

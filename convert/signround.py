@@ -248,9 +248,9 @@ class SqRounder(Rounder):
         if calib is None or calib.absmax is None or not np.max(calib.absmax) > 0:
             return sq.pack(d16, dense, self.pos, vals)
         w_hat = sq.dequantize_parts(d16, dense, self.pos, vals, self.group)
-        hot, clip = sq.search_acts(w_hat, calib.absmax, calib.samples, self.group,
-                                   int(round(self.sparse * self.cols)))
-        return sq.pack(d16, dense, self.pos, vals, hot, clip)
+        acts = sq.search_acts(w_hat, calib.absmax, calib.samples, self.group,
+                              int(round(self.sparse * self.cols)))
+        return sq.pack(d16, dense, self.pos, vals, *acts)
 
 
 ROUNDERS = {"int4": Int4Rounder, "sdr": SdrRounder, "fp4": Fp4Rounder, "sq": SqRounder}

@@ -70,8 +70,10 @@ typedef enum {
                              lut[code] << (K - k_c); d[n] the row's scale / 2^K (docs/QUANTIZATION.md) */
     QRZ_ACTS_FP4_GROUP,   /* the same lanes with a dynamic scale per group of the weight's group size (FP4 header
                              mode 2): d[n][cols/group] */
-    QRZ_ACTS_SQ4_GROUP,   /* SQ: per group d = max(max|cold| / 7, max|hot| / 127), q = round(x / d) in -8..7 on
-                             cold channels, -127..127 on the weight tensor's hot ones: d[n][cols/group] */
+    QRZ_ACTS_SQ4_GROUP,   /* SQ: per group d = max(clip * max|cold| / top, max|hot| / 127); cold channels by the
+                             tensor's grid: int4 (top 7, round(x / d) in -8..7) or E2M1 (top 12, the nearest 4-bit
+                             E2M1 value of x / d in half steps 0, +-1, 2, 3, 4, 6, 8, 12); hot ones round(x / d) in
+                             -127..127 (the weight tensor's hot plane): d[n][cols/group] */
     QRZ_ACTS_COUNT
 } qrz_acts_kind;
 
@@ -150,6 +152,9 @@ qrz_fp4_view qrz_fp4_split(const uint8_t *data, int64_t rows, int64_t cols, int3
  * hot plane, the f16 scale plane, the slot plane of (u8 position, i8 value) pairs, the nibble plane;
  * w = d * (q + slot values) */
 #define QRZ_SQ_HEADER 64
+/* the u16 at byte 2 of an SQ header: the grid of the cold activation channels under act="4bit" */
+#define QRZ_SQ_COLD_INT4 0
+#define QRZ_SQ_COLD_E2M1 1
 typedef struct {
     int32_t k;                    /* slots per group */
     float clip;                   /* act="4bit": the cold channels' scale is clip * their max / 7 */

@@ -365,6 +365,9 @@ static const char *sq_check(const qrz_weight *w) {
     }
     if (counted != n_hot) return "an SQ header whose hot-channel count disagrees with its hot plane";
     if (!(v.clip > 0.0f && v.clip <= 1.0f)) return "an SQ activation clipping outside (0, 1]";
+    uint16_t grid;
+    memcpy(&grid, (const uint8_t *)w->data + 2, 2);
+    if (grid > QRZ_SQ_COLD_E2M1) return "an SQ cold-activation grid other than 0 (int4) or 1 (E2M1)";
     const uint64_t n = (uint64_t)w->rows * (uint64_t)(w->cols / w->group) * (uint64_t)v.k;
     for (uint64_t s = 0; s < n; s++) {
         if (v.slots[2 * s] >= w->group) return "an SQ slot position outside its group";
@@ -485,11 +488,23 @@ static void quantize_rows_fp4(const float *x, int64_t n, int64_t cols, int32_t g
 
 /* SQ: per group one scale for the 4-bit cold channels (clipped by the tensor's clip) and the int8 hot ones (the
  * weight tensor's hot plane) */
+/* E2M1's magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 counted in half steps (0, 1, 2, 3, 4, 6, 8, 12), so a 4-bit
+   float code is an integer an int8 lane holds and the integer kernels need no change; a = |x| / step, the
+   nearest magnitude, a tie to the larger one, 12 beyond */
+static int8_t e2m1_half_steps(float a) {
+    return (int8_t)(a < 0.5f ? 0 : a < 1.5f ? 1 : a < 2.5f ? 2 : a < 3.5f ? 3 : a < 5.0f ? 4 : a < 7.0f ? 6 :
+                    a < 10.0f ? 8 : 12);
+}
+
 static void quantize_groups_sq4(const float *x, int64_t n, int64_t cols, int32_t group, const uint8_t *params,
                                 int8_t *q, float *d) {
     const uint8_t *hot = params + QRZ_SQ_HEADER;
     float clip;
     memcpy(&clip, params + 8, 4);
+    uint16_t grid;
+    memcpy(&grid, params + 2, 2);
+    const bool e2m1 = grid == QRZ_SQ_COLD_E2M1;
+    const float cold_top = e2m1 ? 12.0f : 7.0f;
     const int64_t ng = cols / group;
     for (int64_t i = 0; i < n; i++)
         for (int64_t g = 0; g < ng; g++) {
@@ -501,11 +516,18 @@ static void quantize_groups_sq4(const float *x, int64_t n, int64_t cols, int32_t
                 if (hg[k]) warm = fmaxf(warm, fabsf(xg[k]));
                 else cold = fmaxf(cold, fabsf(xg[k]));
             }
-            const float dg = fmaxf(clip * cold / 7.0f, warm / 127.0f), inv = dg > 0.0f ? 1.0f / dg : 0.0f;
+            const float dg = fmaxf(clip * cold / cold_top, warm / 127.0f), inv = dg > 0.0f ? 1.0f / dg : 0.0f;
             d[i * ng + g] = dg;
             for (int32_t k = 0; k < group; k++) {
-                const float u = nearbyintf(xg[k] * inv);
-                qg[k] = (int8_t)(hg[k] ? fminf(127.0f, fmaxf(-127.0f, u)) : fminf(7.0f, fmaxf(-8.0f, u)));
+                const float u = xg[k] * inv;
+                if (hg[k]) {
+                    qg[k] = (int8_t)fminf(127.0f, fmaxf(-127.0f, nearbyintf(u)));
+                } else if (e2m1) {
+                    const int8_t m = e2m1_half_steps(fabsf(u));
+                    qg[k] = u < 0.0f ? (int8_t)-m : m;
+                } else {
+                    qg[k] = (int8_t)fminf(7.0f, fmaxf(-8.0f, nearbyintf(u)));
+                }
             }
         }
 }

@@ -478,7 +478,8 @@ def test_sq_model_computes_what_its_definition_says(tiny_hf, tmp_path, act):
         p = sq.unpack(buf, rows, cols, 32)
         assert p["k"] == sq.slots_for(32, sq.DEFAULT_SPARSE)
         hot_counts.append(int(p["hot"].sum()))
-        return sq.dequantize(buf, rows, cols, 32), lambda x: sq.dequantize_acts(x, p["hot"], 32, p["clip"])
+        return sq.dequantize(buf, rows, cols, 32), \
+            lambda x: sq.dequantize_acts(x, p["hot"], 32, p["clip"], p["grid"])
     _calibrated_oracle(tiny_hf, tmp_path, "sq", act, read)
     assert hot_counts and min(hot_counts) > 0                # calibration chose hot channels everywhere
 

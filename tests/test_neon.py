@@ -219,7 +219,7 @@ def _encode(type_name, wkind, w, group, rng):
                 pos[:, :, 1] = np.where(rng.random((rows, ng)) < 0.5, pos[:, :, 0], pos[:, :, 1])
             vals = rng.integers(-127, 128, (rows, ng, k)).astype(np.int8)
             buf = sq_format.pack(d16, q, pos, vals, (rng.random(cols) < 0.1).astype(np.uint8),
-                                 float(rng.choice([1.0, 0.9, 0.75])))
+                                 float(rng.choice([1.0, 0.9, 0.75])), int(rng.integers(0, 2)))
         elif how in ("max", "min"):   # every code and slot value at an extreme, the slots on hot channels (many on
             # one position when k is large): against "max" / "hotmax" activations the largest positive (max: -8 and
             # -127) or negative (min: 7 and +127) group sums
@@ -228,7 +228,7 @@ def _encode(type_name, wkind, w, group, rng):
             pos = rng.choice(np.arange(3, group, 8), (rows, ng, k)).astype(np.uint8)
             q = np.full((rows, cols), -8 if how == "max" else 7, np.int8)
             vals = np.full((rows, ng, k), -127 if how == "max" else 127, np.int8)
-            buf = sq_format.pack(np.ones((rows, ng), np.float16), q, pos, vals, hot)
+            buf = sq_format.pack(np.ones((rows, ng), np.float16), q, pos, vals, hot, 1.0, int(rng.integers(0, 2)))
         else:                # the converter's output, calibrated on sample rows with a few loud channels
             samples = rng.standard_normal((16, cols)).astype(np.float32)
             samples[:, rng.integers(0, cols, max(1, cols // 32))] *= 30
@@ -242,7 +242,8 @@ def _encode(type_name, wkind, w, group, rng):
         r_idx, g_idx = np.meshgrid(np.arange(rows), np.arange(ng), indexing="ij")
         for s in range(k):
             np.add.at(u, (r_idx, g_idx, p["pos"][:, :, s].astype(np.int64)), p["vals"][:, :, s].astype(np.int64))
-        return buf, {"d": p["d16"].astype(np.float32), "q": u.reshape(rows, cols), "hot": p["hot"], "clip": p["clip"]}
+        return buf, {"d": p["d16"].astype(np.float32), "q": u.reshape(rows, cols), "hot": p["hot"], "clip": p["clip"],
+                     "grid": p["grid"]}
     raise ValueError(type_name)
 
 
@@ -296,7 +297,7 @@ def reference(type_name, group, act_bits, parts, x):
         if type_name == "int4" and act_bits == 4:
             xq, xd = quantize_acts_group(x, group, 7, -8, 7)
         elif type_name == "sq" and act_bits == 4:
-            xq, xd = sq_format.quantize_acts(x, parts["hot"], group, parts["clip"])
+            xq, xd = sq_format.quantize_acts(x, parts["hot"], group, parts["clip"], parts["grid"])
         else:
             xq, xd = quantize_acts_group(x, group, 127, -127, 127)
         sums = _group_sums(parts["q"], xq, group)

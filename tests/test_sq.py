@@ -11,9 +11,9 @@ from tests.test_kernels import ISAS, make_acts, make_weight, quantize_acts_q8_gr
 TYPE = lib.QRZ_TYPE_SQ
 
 
-def _sq_bytes(rng, rows, cols, group, k, n_hot=0, d=None, clip=1.0):
-    """SQ bytes from random codes, slots (positions anywhere in the group, duplicates included) and hot channels:
-    all of the format, not only what the converter writes"""
+def _sq_bytes(rng, rows, cols, group, k, n_hot=0, d=None, clip=1.0, grid=None):
+    """SQ bytes from random codes, slots (positions anywhere in the group, duplicates included), hot channels and
+    cold activation grid (random when None): all of the format, not only what the converter writes"""
     ng = cols // group
     d = rng.uniform(0.01, 2.0, (rows, ng)).astype(np.float16) if d is None else d
     q = rng.integers(-8, 8, (rows, cols)).astype(np.int8)
@@ -21,7 +21,7 @@ def _sq_bytes(rng, rows, cols, group, k, n_hot=0, d=None, clip=1.0):
     vals = rng.integers(-127, 128, (rows, ng, k)).astype(np.int8)
     hot = np.zeros(cols, np.uint8)
     hot[rng.choice(cols, n_hot, replace=False)] = 1
-    return sq.pack(d, q, pos, vals, hot, clip)
+    return sq.pack(d, q, pos, vals, hot, clip, int(rng.integers(0, 2)) if grid is None else grid)
 
 
 def sq_reference(wbytes, rows, cols, group, x, act_bits):
@@ -32,7 +32,7 @@ def sq_reference(wbytes, rows, cols, group, x, act_bits):
     if act_bits == 8:
         xq, xd = quantize_acts_q8_group(x, group)
     else:
-        xq, xd = sq.quantize_acts(x, p["hot"], group, p["clip"])
+        xq, xd = sq.quantize_acts(x, p["hot"], group, p["clip"], p["grid"])
     u = p["q"].astype(np.int64).reshape(rows, ng, group).copy()
     r_idx, g_idx = np.meshgrid(np.arange(rows), np.arange(ng), indexing="ij")
     for s in range(p["k"]):
@@ -108,6 +108,31 @@ def test_sq_largest_sums(isa, act_bits):
     assert np.all(np.abs(got - want) <= bound)
 
 
+# every group's largest cold value is 12, so with clip 1 the step is 1 and the others sit on E2M1's midpoints
+E2M1_TIE_ROW = np.array([12, .5, 1.5, 2.5, 3.5, 5, 7, 10, -.5, -1.5, -2.5, -3.5, -5, -7, -10, -12], np.float32)
+
+
+def test_sq_cold_activations_are_e2m1():
+    """cold channels take the 4-bit E2M1 values (0, 0.5, 1, 1.5, 2, 3, 4, 6 times 2d, so integers in half steps),
+    a midpoint going to the larger magnitude; hot channels stay int8 in the same step"""
+    q, d = sq.quantize_acts(E2M1_TIE_ROW[None, :], np.zeros(16, np.uint8), 16, grid=sq.COLD_E2M1)
+    assert d[0, 0] == 1.0
+    np.testing.assert_array_equal(q[0], [12, 1, 2, 3, 4, 6, 8, 12, -1, -2, -3, -4, -6, -8, -12, -12])
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((50, 128)).astype(np.float32) * np.exp(rng.standard_normal(128)).astype(np.float32)
+    hot = (rng.random(128) < 0.1).astype(np.uint8)
+    q, d = sq.quantize_acts(x, hot, 64, clip=0.9, grid=sq.COLD_E2M1)
+    cold = q[:, hot == 0]
+    assert set(np.unique(np.abs(cold))) <= {0, 1, 2, 3, 4, 6, 8, 12} and 12 in np.abs(cold)
+    assert np.abs(q[:, hot == 1]).max() <= 127
+    assert sq.quantize_acts(x, hot, 64, clip=0.9)[0][:, hot == 0].max() <= 7    # the int4 grid is the default
+    err = np.abs(sq.dequantize_acts(x, hot, 64, 0.9, sq.COLD_E2M1) - x)
+    step = np.repeat(d, 64, axis=1)
+    # a cold value within the clipped range is off by at most half the E2M1 gap around it (4 half steps near 12)
+    inside = (np.abs(x) <= 12 * step) & (hot[None, :] == 0)
+    assert np.all(err[inside] <= 2 * step[inside] * (1 + 1e-6))
+
+
 def test_sq_act_twin_matches_the_c_quantizer():
     """the numpy twin gives the C codes exactly: with weights that are 1 at a single column (code 1, scale 1, no
     slots), the kernel's output is the activation's dequantized value there, column by column"""
@@ -115,7 +140,8 @@ def test_sq_act_twin_matches_the_c_quantizer():
     cols, group = 256, 64
     x = np.concatenate([rng.standard_normal((3, cols)) * 3, rng.standard_normal((1, cols)) * 1e-30,
                         np.zeros((1, cols)), make_weight("extremes", 1, cols, rng),
-                        np.round(rng.standard_normal((2, cols)) * 8) / 2]).astype(np.float32)   # exact ties
+                        np.round(rng.standard_normal((2, cols)) * 8) / 2,                        # exact ties
+                        np.tile(E2M1_TIE_ROW, cols // 16)[None, :]]).astype(np.float32)
     x[0, 5] = 400.0                                                                          # a hot outlier
     q = np.zeros((cols, cols), np.int8)
     q[np.arange(cols), np.arange(cols)] = 1
@@ -124,9 +150,11 @@ def test_sq_act_twin_matches_the_c_quantizer():
         hot = np.zeros(cols, np.uint8)
         hot[rng.choice(cols, n_hot, replace=False)] = 1
         hot[5] = 1 if n_hot else 0
-        wbytes = sq.pack(np.ones((cols, cols // group), np.float16), q, empty, empty.view(np.int8), hot, clip)
-        got = _native.kernel_matmul("scalar", TYPE, group, wbytes, cols, cols, x, 4)
-        np.testing.assert_array_equal(got, sq.dequantize_acts(x, hot, group, clip))
+        for grid in (sq.COLD_INT4, sq.COLD_E2M1):
+            wbytes = sq.pack(np.ones((cols, cols // group), np.float16), q, empty, empty.view(np.int8), hot, clip,
+                             grid)
+            got = _native.kernel_matmul("scalar", TYPE, group, wbytes, cols, cols, x, 4)
+            np.testing.assert_array_equal(got, sq.dequantize_acts(x, hot, group, clip, grid))
 
 
 def test_sq_pack_round_trip_and_dequant_row():
@@ -139,7 +167,7 @@ def test_sq_pack_round_trip_and_dequant_row():
             TYPE, rows, cols, group, _native.ffi.from_buffer(wbytes))
         assert lib.qrz_tensor_nbytes(TYPE, rows, cols, group) == 0          # the size is in the header
         p = sq.unpack(wbytes, rows, cols, group)
-        again = sq.pack(p["d16"], p["q"], p["pos"], p["vals"], p["hot"], p["clip"])
+        again = sq.pack(p["d16"], p["q"], p["pos"], p["vals"], p["hot"], p["clip"], p["grid"])
         np.testing.assert_array_equal(again, wbytes)
         want = sq.dequantize(wbytes, rows, cols, group)
         for r in range(rows):
@@ -231,6 +259,7 @@ def test_sq_bad_headers_rejected():
     b = good.copy(); b[slot_off + 1] = 0x80; bad.append(b)                      # a slot value of -128
     for clip in (0.0, 1.5, np.nan, -0.5):                                        # clippings outside (0, 1]
         b = good.copy(); b[8:12] = np.array([clip], "<f4").view(np.uint8); bad.append(b)
+    b = good.copy(); b[2:4] = np.array([2], "<u2").view(np.uint8); bad.append(b)     # an unknown cold grid
     assert p["pos"][0, 0, 0] == good[slot_off]
     for b in bad:
         for act_bits in (8, 4):

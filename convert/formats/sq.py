@@ -9,14 +9,15 @@ in the same unit d. Because a slot's value is in the dense part's unit, the kern
 group's integer sum, and the group still costs one float multiply-add.
 
 Activations (act="4bit"): the input channels found hot in calibration (the largest absmax times the weight
-column's norm) stay 8-bit; the rest are 4-bit. Both share one scale per group, d = max(clip * max|cold| / 7,
-max|hot| / 127), so a hot channel is an int8 lane in the same unit and the kernel is the same integer
+column's norm) stay 8-bit; the rest are 4-bit, on the int4 grid (-8..7) or the E2M1 one (0, 0.5, ..., 6, held
+as integers in half steps). Both share one scale per group, d = max(clip * max|cold| / top, max|hot| / 127),
+top 7 or 12, so every code is an int8 lane in the same unit and the kernel is the same integer
 multiply-accumulate. Per tensor the converter searches how many channels are hot (1, 2 or 4 times the sparse
-fraction of them) and the cold clipping (1, 0.9, 0.8) by the layer's output error on calibration rows. Without
-calibration no channel is hot and clip = 1 (plain 4-bit per group). act="8bit" is int8 per group (Q8_GROUP), as
-for INT4.
+fraction of them), the cold grid and the cold clipping (1, 0.9, 0.8) by the layer's output error on calibration
+rows. Without calibration no channel is hot, the grid is int4 and clip = 1 (plain 4-bit per group). act="8bit"
+is int8 per group (Q8_GROUP), as for INT4.
 
-Layout (docs/FORMAT.md): a 64-byte header (u16 k, u16 0, u32 the number of hot channels, f32 clip), the hot plane
+Layout (docs/FORMAT.md): a 64-byte header (u16 k, u16 cold grid, u32 the number of hot channels, f32 clip), the hot plane
 (cols bytes, 1 = hot, padded to 64), the f16 scale plane (padded to 64), the slot plane (per row and group k pairs
 of u8 position, i8 value; padded to 64), then the nibble plane (nibbles.py).
 """
@@ -179,52 +180,67 @@ def hot_channels(absmax, w, n_hot):
     return hot
 
 
-def quantize_acts(x, hot, group, clip=1.0):
-    """x (n, cols) -> (q int8 (n, cols), d float32 (n, cols // group)): per group d = max(clip * max|cold| / 7,
-    max|hot| / 127), q = round(x / d) clamped to -8..7 (cold) or -127..127 (hot)"""
+COLD_INT4, COLD_E2M1 = 0, 1   # the header's grid of the cold activation channels (QRZ_SQ_COLD_*)
+E2M1_HALF_STEPS = np.array([0, 1, 2, 3, 4, 6, 8, 12], np.float32)   # E2M1's 0, 0.5, 1, 1.5, 2, 3, 4, 6, doubled
+E2M1_TIES = np.array([0.5, 1.5, 2.5, 3.5, 5, 7, 10], np.float32)    # the midpoints between them
+
+
+def quantize_acts(x, hot, group, clip=1.0, grid=COLD_INT4):
+    """x (n, cols) -> (q int8 (n, cols), d float32 (n, cols // group)): per group d = max(clip * max|cold| / top,
+    max|hot| / 127). Cold channels by grid: COLD_INT4 (top 7) round(x / d) clamped to -8..7; COLD_E2M1 (top 12)
+    the nearest 4-bit E2M1 value of x / d counted in half steps (0, +-1, 2, 3, 4, 6, 8, 12; a tie to the larger
+    magnitude). Hot channels round(x / d) clamped to -127..127."""
     x = np.asarray(x, np.float32)
     n, cols = x.shape
     g = x.reshape(n, cols // group, group)
     h = np.asarray(hot, bool).reshape(1, cols // group, group)
     a = np.abs(g)
-    d = np.maximum(np.float32(clip) * np.where(h, 0, a).max(axis=2) / np.float32(7),
+    top = np.float32(12 if grid == COLD_E2M1 else 7)
+    d = np.maximum(np.float32(clip) * np.where(h, 0, a).max(axis=2) / top,
                    np.where(h, a, 0).max(axis=2) / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore"):
         inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-    u = np.rint(g * inv[:, :, None])
-    q = np.where(h, np.clip(u, -127, 127), np.clip(u, -8, 7))
+    u = g * inv[:, :, None]
+    if grid == COLD_E2M1:
+        cold = E2M1_HALF_STEPS[np.searchsorted(E2M1_TIES, np.abs(u), side="right")] * np.where(u < 0, -1, 1)
+    else:
+        cold = np.clip(np.rint(u), -8, 7)
+    q = np.where(h, np.clip(np.rint(u), -127, 127), cold)
     return q.astype(np.int8).reshape(n, cols), d
 
 
-def dequantize_acts(x, hot, group, clip=1.0):
-    q, d = quantize_acts(x, hot, group, clip)
+def dequantize_acts(x, hot, group, clip=1.0, grid=COLD_INT4):
+    q, d = quantize_acts(x, hot, group, clip, grid)
     n, cols = q.shape
     return (q.astype(np.float32).reshape(n, -1, group) * d[:, :, None]).reshape(n, cols)
 
 
 def search_acts(w_hat, absmax, samples, group, n_hot):
-    """the hot channels and cold clipping whose quantized inputs, through the quantized weights w_hat, give
-    outputs nearest the float ones on the calibration sample rows -> (hot (cols,) uint8, clip)"""
+    """the hot channels, cold grid and cold clipping whose quantized inputs, through the quantized weights w_hat,
+    give outputs nearest the float ones on the calibration sample rows -> (hot (cols,) uint8, clip, grid)"""
     x = np.asarray(samples, np.float32)
     ref = x @ w_hat.T
     best = None
     for mult in HOT_MULTIPLES:
         hot = hot_channels(absmax, w_hat, min(mult * n_hot, x.shape[1]))
-        for clip in ACT_CLIPS:
-            err = float(((dequantize_acts(x, hot, group, clip) @ w_hat.T - ref).astype(np.float64) ** 2).sum())
-            if best is None or err < best[0]:
-                best = (err, hot, clip)
+        for grid in (COLD_INT4, COLD_E2M1):
+            for clip in ACT_CLIPS:
+                xq = dequantize_acts(x, hot, group, clip, grid)
+                err = float(((xq @ w_hat.T - ref).astype(np.float64) ** 2).sum())
+                if best is None or err < best[0]:
+                    best = (err, hot, clip, grid)
     return best[1:]
 
 
 # ---- bytes ----
-def pack(d16, q, pos, vals, hot=None, clip=1.0):
+def pack(d16, q, pos, vals, hot=None, clip=1.0, grid=COLD_INT4):
     rows, cols = q.shape
     ng, k = pos.shape[1], pos.shape[2]
     group = cols // ng
     out = np.zeros(nbytes(rows, cols, group, k), np.uint8)
     hot = np.zeros(cols, np.uint8) if hot is None else np.asarray(hot, np.uint8)
     out[0:2] = np.array([k], "<u2").view(np.uint8)
+    out[2:4] = np.array([grid], "<u2").view(np.uint8)
     out[4:8] = np.array([int(hot.sum())], "<u4").view(np.uint8)
     out[8:12] = np.array([clip], "<f4").view(np.uint8)
     off = HEADER_BYTES
@@ -245,7 +261,7 @@ def header_slots(buf):
 
 
 def unpack(buf, rows, cols, group):
-    """-> dict(k, hot (cols,), clip, d16 (rows, ng), q (rows, cols), pos (rows, ng, k), vals (rows, ng, k))"""
+    """-> dict(k, hot (cols,), clip, grid, d16 (rows, ng), q (rows, cols), pos (rows, ng, k), vals (rows, ng, k))"""
     buf = np.asarray(buf, np.uint8).reshape(-1)
     k = header_slots(buf)
     ng = cols // group
@@ -256,7 +272,8 @@ def unpack(buf, rows, cols, group):
     off += align64(rows * ng * 2)
     slots = buf[off:off + rows * ng * k * 2].reshape(rows, ng, k, 2)
     off += align64(rows * ng * k * 2)
-    return {"k": k, "hot": hot, "clip": float(buf[8:12].view("<f4")[0]), "d16": d16,
+    return {"k": k, "hot": hot, "clip": float(buf[8:12].view("<f4")[0]), "grid": int(buf[2:4].view("<u2")[0]),
+            "d16": d16,
             "q": nibbles.unpack(buf[off:], rows, cols),
             "pos": slots[..., 0].copy(), "vals": slots[..., 1].view(np.int8).copy()}
 
@@ -292,9 +309,9 @@ def quantize_roundings(w, group, calib=None, sparse=DEFAULT_SPARSE, roundings=RO
         if calib is None or calib.absmax is None or calib.samples is None or not np.max(calib.absmax) > 0:
             out[rounding] = pack(*parts)
             continue
-        hot, clip = search_acts(dequantize_parts(*parts, group), calib.absmax, calib.samples, group,
-                                int(round(sparse * cols)))
-        out[rounding] = pack(*parts, hot, clip)
+        acts = search_acts(dequantize_parts(*parts, group), calib.absmax, calib.samples, group,
+                           int(round(sparse * cols)))
+        out[rounding] = pack(*parts, *acts)
     return out
 
 

@@ -94,8 +94,7 @@ def _float_model(hf_dir, out_path, progress):
 
 
 def _calibration_ids(model, calib, calib_tokens, progress, held_out=0):
-    """the first calib_tokens tokens of the calibration text; held_out > 0: (those, up to held_out tokens after
-    them)"""
+    """(the first calib_tokens tokens of the calibration text, up to held_out tokens after them)"""
     try:
         with open(calib, encoding="utf-8") as f:
             text = f.read()
@@ -108,7 +107,7 @@ def _calibration_ids(model, calib, calib_tokens, progress, held_out=0):
                            f"thousand")
     if progress:
         print(f"calibrating on {len(ids)} tokens of {os.path.basename(calib)}", file=sys.stderr, flush=True)
-    return (ids, all_ids[calib_tokens:calib_tokens + held_out]) if held_out else ids
+    return ids, all_ids[calib_tokens:calib_tokens + held_out]
 
 
 def _calibrate(hf_dir, out_path, calib, calib_tokens, progress, samples=0, held_out=0):
@@ -116,10 +115,9 @@ def _calibrate(hf_dir, out_path, calib, calib_tokens, progress, samples=0, held_
     beside the output, then removed) reads `calib_tokens` tokens of the calibration text: mean x x^T, and with
     samples > 0 also max |x| per column and `samples` input rows; up to `held_out` tokens that follow them)"""
     with _float_model(hf_dir, out_path, progress) as model:
-        ids, rest = _calibration_ids(model, calib, calib_tokens, progress, held_out=max(held_out, 1))
+        ids, rest = _calibration_ids(model, calib, calib_tokens, progress, held_out=held_out)
         stats = model.input_statistics(ids, window=512, gram=True, samples=samples)
-    return {name: Calibration(*s) if samples else Calibration(gram=s) for name, s in stats.items()}, \
-        rest[:held_out]
+    return {name: Calibration(*s) if samples else Calibration(gram=s) for name, s in stats.items()}, rest
 
 
 def _keep_best_by_held_out(paths, held_out, out_path, progress):
@@ -147,7 +145,8 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
     group_size None: the format's default (docs/QUANTIZATION.md says how each was chosen). calib: a UTF-8 text
     file; formats that can use it (sdr, fp4, sq) then round each matrix against the inputs it meets on that text, so
     the error of its output, not of its weights, is kept small (never give the evaluation text); sq writes one
-    candidate per rounding and keeps the one with the lower perplexity on up to HELD_OUT_TOKENS tokens after them. sparse: sq's
+    candidate per rounding and keeps the one with the lower perplexity on up to HELD_OUT_TOKENS tokens after
+    them. sparse: sq's
     high-precision fraction (default sq.DEFAULT_SPARSE); an error for the other formats. signround: learn each
     block's rounding and clipping on the calib text (convert/signround.py; needs torch), iters steps per block on
     samples sequences of seqlen tokens (defaults there)."""
@@ -193,7 +192,7 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
                 raise ConvertError(f"--{key} must be a positive integer, got {value!r}")
         sr.import_torch()   # a missing torch fails before any work
         with _float_model(hf_dir, out_path, progress) as model:
-            signround_ids = _calibration_ids(model, calib, samples * seqlen, progress)
+            signround_ids = _calibration_ids(model, calib, samples * seqlen, progress)[0]
     elif calib is not None and getattr(fmt_module, "CALIBRATED", False):
         calibration, held_out = _calibrate(hf_dir, out_path, calib, calib_tokens, progress,
                                            samples=getattr(fmt_module, "SAMPLE_ROWS", 0),
@@ -275,9 +274,10 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
             {r: out_path for r in roundings or (None,)}
         try:
             with contextlib.ExitStack() as stack:
-                writers = {r: stack.enter_context(QrzWriter(path, {**meta, "quant.rounding": r} if calibration and r else meta,
-                                                            copy.deepcopy(specs)))
-                           for r, path in paths.items()}
+                # each writer its own specs: QrzWriter records every tensor's CRC in them
+                writers = {r: stack.enter_context(QrzWriter(
+                    path, {**meta, "quant.rounding": r} if calibration and r else meta, copy.deepcopy(specs)))
+                    for r, path in paths.items()}
                 for name, module, group in _progress(plans, progress, f"{fmt} {os.path.basename(out_path)}"):
                     w = transform(arch, name, source.load(name))
                     if module is None:

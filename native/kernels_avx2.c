@@ -822,15 +822,16 @@ QRZ_AVX2 static void fp4_matmul_avx2(const qrz_weight *w, const qrz_acts *x, int
 /* ---- activation quantizers: I8_ROW and Q8_GROUP as types.c's scalar ones compute them (the same absmax, the
  * same float divide and reciprocal, round half to even by cvtps under the default rounding mode, as nearbyintf),
  * so the codes and scales are the scalar ones bit for bit; other kinds go to the scalar quantizer ---- */
+/* max |x[k]| over n values; a NaN is skipped, as fmaxf skips it in the scalar quantizers */
 QRZ_AVX2 static inline float absmax_avx2(const float *x, int64_t n) {
-    const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 m = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps();
     int64_t k = 0;
-    for (; k + 8 <= n; k += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + k), mask));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    float amax = _mm_cvtss_f32(h);
+    for (; k + 8 <= n; k += 8) mx = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)), mx);
+    __m128 r = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    r = _mm_max_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_max_ss(r, _mm_movehdup_ps(r));
+    float amax = _mm_cvtss_f32(r);
     for (; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
     return amax;
 }
@@ -978,19 +979,6 @@ QRZ_AVX2 static void kv_f16_axpy_avx2(float *y, float a, const void *row, int n)
 }
 
 /* ---- 8bit: [float32 d x ng][int8 codes x n], a scale per group of qrz_kv_group(n) values ---- */
-QRZ_AVX2 static float kv_absmax_avx2(const float *x, int n) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 mx = _mm256_setzero_ps();
-    int k = 0;
-    for (; k + 8 <= n; k += 8) mx = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)), mx);
-    __m128 r = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    r = _mm_max_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_max_ss(r, _mm_movehdup_ps(r));
-    float amax = _mm_cvtss_f32(r);
-    for (; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
-    return amax;
-}
-
 /* c[k] = round(clamp(x[k] / s, -127, 127)), half to even, for s > 0 (also the 4bit store's base codes) */
 QRZ_AVX2 static void kv_i8_codes(int8_t *c, const float *x, int len, float s) {
     const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
@@ -1009,7 +997,7 @@ QRZ_AVX2 static void kv_q8_store_avx2(void *row, const float *x, int n) {
     int8_t *c = (int8_t *)row + 4 * ng;
     for (int g = 0; g < ng; g++) {
         const int k0 = g * G, len = n - k0 < G ? n - k0 : G;
-        const float s = kv_absmax_avx2(x + k0, len) / 127.0f;
+        const float s = absmax_avx2(x + k0, len) / 127.0f;
         memcpy((uint8_t *)row + 4 * g, &s, sizeof s);
         if (s > 0.0f) kv_i8_codes(c + k0, x + k0, len, s);
         else memset(c + k0, 0, (size_t)len);
@@ -1123,7 +1111,7 @@ QRZ_AVX2 static void kv_sdr4_axpy_avx2(float *y, float a, const void *row, int n
  * leading one as the max), mantissas round(b / 2^e) clamped to -8..7 (SIMD), packed two per byte */
 QRZ_AVX2 static void kv_sdr4_store_avx2(void *row, const float *x, int n) {
     const int G = qrz_kv_group(n), ng = (n + G - 1) / G;
-    const float s = kv_absmax_avx2(x, n) / 127.0f;
+    const float s = absmax_avx2(x, n) / 127.0f;
     uint8_t *e = (uint8_t *)row + 4, *m = e + (ng + 1) / 2;
     memcpy(row, &s, sizeof s);
     memset(e, 0, (size_t)(ng + 1) / 2 + (size_t)(n + 1) / 2);

@@ -17,8 +17,8 @@ fraction of them), the cold grid and the cold clipping (1, 0.9, 0.8) by the laye
 rows. Without calibration no channel is hot, the grid is int4 and clip = 1 (plain 4-bit per group). act="8bit"
 is int8 per group (Q8_GROUP), as for INT4.
 
-Layout (docs/FORMAT.md): a 64-byte header (u16 k, u16 cold grid, u32 the number of hot channels, f32 clip), the hot plane
-(cols bytes, 1 = hot, padded to 64), the f16 scale plane (padded to 64), the slot plane (per row and group k pairs
+Layout (docs/FORMAT.md): a 64-byte header (u16 k, u16 cold grid, u32 the number of hot channels, f32 clip), the
+hot plane (cols bytes, 1 = hot, padded to 64), the f16 scale plane (padded to 64), the slot plane (per row and group k pairs
 of u8 position, i8 value; padded to 64), then the nibble plane (nibbles.py).
 """
 import numpy as np

@@ -36,6 +36,45 @@ static int cpu_has_avx2(void) {
 #endif
 }
 
+/* cpuid leaf 7: subleaf 0 in b, c; subleaf 1 in a1 (0 where the CPU has no subleaf 1) */
+static void cpuid7(unsigned *b, unsigned *c, unsigned *a1) {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a, d;
+    __cpuid_count(7, 0, a, *b, *c, d);
+    *a1 = 0;
+    if (a >= 1) {
+        unsigned b1, c1, d1;
+        __cpuid_count(7, 1, *a1, b1, c1, d1);
+    }
+#else
+    *b = *c = *a1 = 0;
+#endif
+}
+
+/* AVX-VNNI: the VEX-encoded 256-bit vpdpbusd (cpuid 7.1 eax bit 4), on top of AVX2 */
+static int cpu_has_avxvnni(void) {
+    if (!cpu_has_avx2()) return 0;
+    unsigned b, c, a1;
+    cpuid7(&b, &c, &a1);
+    return (a1 >> 4) & 1;
+}
+
+/* AVX-512 F (7.0 ebx bit 16), BW (bit 30), VL (bit 31) and VNNI (ecx bit 11), with the OS saving the opmask and
+ * ZMM state (xcr0 bits 5-7) */
+static int cpu_has_avx512(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (!cpu_has_avx2()) return 0;
+    unsigned b, c, a1;
+    cpuid7(&b, &c, &a1);
+    if (!(((b >> 16) & 1) && ((b >> 30) & 1) && ((b >> 31) & 1) && ((c >> 11) & 1))) return 0;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 0xE6) == 0xE6;
+#else
+    return 0;
+#endif
+}
+
 /* Advanced SIMD is part of the AArch64 base ISA: every aarch64 CPU (and OS) has it */
 static int cpu_has_neon(void) {
 #if defined(__aarch64__) && defined(__ARM_NEON)
@@ -46,12 +85,14 @@ static int cpu_has_neon(void) {
 }
 
 int qrz_isa_supported(int isa) {
-    static int avx2 = -1;
-    if (avx2 < 0) avx2 = cpu_has_avx2();
+    static int avx2 = -1, avxvnni = -1, avx512 = -1;
+    if (avx2 < 0) { avx2 = cpu_has_avx2(); avxvnni = cpu_has_avxvnni(); avx512 = cpu_has_avx512(); }
     switch (isa) {
     case QRZ_ISA_SCALAR: return 1;
     case QRZ_ISA_AVX2: return avx2;
     case QRZ_ISA_NEON: return cpu_has_neon();
+    case QRZ_ISA_AVXVNNI: return avxvnni;
+    case QRZ_ISA_AVX512: return avx512;
     default: return 0;
     }
 }
@@ -59,6 +100,8 @@ int qrz_isa_supported(int isa) {
 int qrz_isa_default(void) {
     const char *force = getenv("QRZ_FORCE_GENERIC");
     if (force && *force && strcmp(force, "0") != 0) return QRZ_ISA_SCALAR;
+    if (qrz_isa_supported(QRZ_ISA_AVX512)) return QRZ_ISA_AVX512;
+    if (qrz_isa_supported(QRZ_ISA_AVXVNNI)) return QRZ_ISA_AVXVNNI;
     if (qrz_isa_supported(QRZ_ISA_AVX2)) return QRZ_ISA_AVX2;
     if (qrz_isa_supported(QRZ_ISA_NEON)) return QRZ_ISA_NEON;
     return QRZ_ISA_SCALAR;
@@ -69,6 +112,8 @@ const char *qrz_isa_name(int isa) {
     case QRZ_ISA_SCALAR: return "scalar";
     case QRZ_ISA_AVX2: return "avx2";
     case QRZ_ISA_NEON: return "neon";
+    case QRZ_ISA_AVXVNNI: return "avxvnni";
+    case QRZ_ISA_AVX512: return "avx512";
     default: return "unknown";
     }
 }

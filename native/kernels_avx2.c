@@ -7,11 +7,16 @@
  */
 #include "qrz_internal.h"
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
+#include "kernels_x86.h"
 #include <math.h>
-#include <string.h>
 
-#define QRZ_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+QRZ_AVX2 static inline float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
 
 QRZ_AVX2 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -187,9 +192,6 @@ QRZ_AVX2 static void q8_matmul_avx2(const qrz_weight *w, const qrz_acts *x, int6
  * Each kernel takes four activation rows (then the 1..3 left over) against all of its weight rows, so that block
  * of activations stays in L1 while the weight rows stream past; NT (activation rows) and RPG (32-value runs per
  * group) are compile-time constants of each specialization. */
-#define QRZ_AVX2_INLINE QRZ_AVX2 static inline __attribute__((always_inline))
-
-static inline uint64_t nib_align(uint64_t n) { return (n + QRZ_ALIGN - 1) / QRZ_ALIGN * QRZ_ALIGN; }
 
 /* Shift and multiplier vectors indexed by a byte holding two 4-bit fields, filled by qrz_register_avx2:
  * nib_shift_lo[b] / nib_shift_hi[b]: the low / high nibble of b in every int32 lane (the shifts of the two groups
@@ -245,12 +247,6 @@ QRZ_AVX2_INLINE void nib_runs16(const uint8_t *m, const int8_t *x, int64_t K, in
     }
 }
 
-QRZ_AVX2_INLINE int32_t hsum_i32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-    return _mm_cvtsi128_si32(s);
-}
 
 /* int32 lanes added into four int64 lanes */
 QRZ_AVX2_INLINE __m256i add_i32_to_i64(__m256i tot, __m256i v) {
@@ -264,7 +260,6 @@ QRZ_AVX2_INLINE int64_t hsum_i64(__m256i v) {   /* through memory: no 64-bit lan
     return lanes[0] + lanes[1] + lanes[2] + lanes[3];
 }
 
-static inline int nib_shift(const uint8_t *flags, int64_t g) { return (flags[g >> 1] >> ((g & 1) * 4)) & 15; }
 
 /* Groups that are an odd multiple of 16 (16, 48, 80, ...) can change in the middle of a run; each half run of 16
  * values lies in one group. half_walk_next gives the group of the next half run. */
@@ -276,19 +271,6 @@ static inline int64_t half_walk_next(half_walk *h) {
     return g;
 }
 
-typedef struct {
-    const float *s;               /* [rows] row scales */
-    const uint8_t *e;             /* [rows][fb] shift nibbles */
-    const uint8_t *m;             /* [rows][cols/2] codes */
-    int64_t fb;
-} sdr_view;
-
-static sdr_view sdr_view_of(const qrz_weight *w) {
-    const uint8_t *base = w->data;
-    const int64_t fb = (w->cols / w->group + 1) / 2;
-    const uint64_t s_bytes = nib_align((uint64_t)w->rows * 4);
-    return (sdr_view){(const float *)base, base + s_bytes, base + s_bytes + nib_align((uint64_t)w->rows * fb), fb};
-}
 
 /* Specializations: NT activation rows 1..4; RPG runs per group 1, 2, 4, 8, or 0 (another multiple of 32, read
  * from G), or -1 (groups of 16: two per run), or -2 (48, 80, ...: a group boundary inside some runs) */
@@ -319,10 +301,6 @@ static sdr_view sdr_view_of(const qrz_weight *w) {
  * sum m q = sum u q - 8 sum q, and sum q per group comes with the activations (qrz_acts.sums), once per row of
  * activations instead of once per weight row. Lanes may wrap on the way (|u q 2^e| can be twice |m q 2^e|), but
  * every step is an add or a left shift, exact modulo 2^32, so the total is exact wherever the true sum fits. */
-QRZ_AVX2_INLINE __m256i nibu_run(const uint8_t *p) {
-    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(15));
-}
 
 /* int16 pair sums of u * q over `runs` runs, at most 8 (a pair is at most 2 * 15 * 127 = 3810 in magnitude) */
 QRZ_AVX2_INLINE void nibu_runs16(const uint8_t *m, const int8_t *x, int64_t K, int32_t runs, const int NT, __m256i *s16) {
@@ -334,21 +312,6 @@ QRZ_AVX2_INLINE void nibu_runs16(const uint8_t *m, const int8_t *x, int64_t K, i
     }
 }
 
-/* sum_g sums[g] 2^e_g over a row's ng groups, the shifts eight at a time from four flag bytes */
-QRZ_AVX2_INLINE uint32_t sdr_shifted_sums(const uint8_t *flags, const int32_t *sums, int64_t ng) {
-    const __m256i field = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    __m256i acc = _mm256_setzero_si256();
-    int64_t g = 0;
-    for (; g + 8 <= ng; g += 8) {
-        uint32_t f;
-        memcpy(&f, flags + g / 2, 4);
-        const __m256i sh = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)f), field), _mm256_set1_epi32(15));
-        acc = _mm256_add_epi32(acc, _mm256_sllv_epi32(_mm256_loadu_si256((const __m256i *)(sums + g)), sh));
-    }
-    uint32_t total = (uint32_t)hsum_i32(acc);
-    for (; g < ng; g++) total += (uint32_t)sums[g] << nib_shift(flags, g);
-    return total;
-}
 
 /* a group of whole runs: int16 sums over at most 8 runs at a time, each widened, shifted by e_g and added */
 QRZ_AVX2_INLINE void sdr_i8_group(const uint8_t *m, const int8_t *x, int64_t K, int32_t rpg, __m256i sh, const int NT,
@@ -908,8 +871,59 @@ QRZ_AVX2 static void axpy_avx2(float *y, float a, const float *x, int n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+/* exp on eight floats: 2^n p(r), n = round(x / ln 2), r = x - n ln 2 in two parts (so r keeps its low bits), p a
+ * degree-6 minimax polynomial for e^r on |r| <= ln 2 / 2 (Cephes' expf coefficients); within 2 ulp of expf.
+ * Below -87.3 (where e^x leaves the normal floats) it gives 0, above 88.3 +inf. */
+QRZ_AVX2 static inline __m256 exp8_avx2(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_blendv_ps(_mm256_andnot_ps(under, y), _mm256_set1_ps(INFINITY), over);
+}
+
+QRZ_AVX2 static void softmax_avx2(float *x, int n, float scale) {
+    const __m256 sv = _mm256_set1_ps(scale);
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + t), sv);
+        _mm256_storeu_ps(x + t, v);
+        mv = _mm256_max_ps(mv, v);
+    }
+    float m = hmax8(mv);
+    for (; t < n; t++) {
+        x[t] *= scale;
+        if (x[t] > m) m = x[t];
+    }
+    mv = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= n; t += 8) {
+        const __m256 e = exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + t), mv));
+        _mm256_storeu_ps(x + t, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float s = hsum8(sum);
+    for (; t < n; t++) { x[t] = expf(x[t] - m); s += x[t]; }
+    const __m256 inv = _mm256_set1_ps(1.0f / s);
+    for (t = 0; t + 8 <= n; t += 8) _mm256_storeu_ps(x + t, _mm256_mul_ps(_mm256_loadu_ps(x + t), inv));
+    for (; t < n; t++) x[t] *= 1.0f / s;
+}
+
 void qrz_register_avx2(void) {
-    qrz_vec[QRZ_ISA_AVX2] = (qrz_vec_ops){dot_avx2, axpy_avx2};
+    qrz_vec[QRZ_ISA_AVX2] = (qrz_vec_ops){dot_avx2, axpy_avx2, softmax_avx2};
     qrz_acts_quantizer[QRZ_ISA_AVX2] = quantize_acts_avx2;
     qrz_register_kv_avx2();     /* KV cache rows: the last section of this file */
     qrz_types[QRZ_TYPE_F32].matmul[0][QRZ_ISA_AVX2] = f32_matmul_avx2;
@@ -1149,9 +1163,61 @@ QRZ_AVX2 static void kv_sdr4_store_avx2(void *row, const float *x, int n) {
     }
 }
 
+/* f32 rows, eight at a time: eight accumulators, then one transpose-and-add gives the eight sums in one vector */
+QRZ_AVX2 static void kv_f32_dots_avx2(const float *q, const uint8_t *rows, size_t stride, int m, int n, float *out) {
+    int t = 0;
+    if (n % 8 == 0)
+        for (; t + 8 <= m; t += 8) {
+            __m256 acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+            for (int k = 0; k < n; k += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + k);
+                for (int j = 0; j < 8; j++)
+                    acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps((const float *)(rows + (size_t)(t + j) * stride) + k), acc[j]);
+            }
+            /* hadd pairs: lanes 0-3 of s0123 are rows 0-3's sums over the lower four lanes, lanes 4-7 the upper */
+            const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+            const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+            _mm256_storeu_ps(out + t, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                                    _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+        }
+    for (; t < m; t++) out[t] = dot_avx2(q, (const float *)(rows + (size_t)t * stride), n);
+}
+
+/* y = sum_t a[t] row_t with y held in registers, 64 values (eight vectors) at a time, across all the rows */
+QRZ_AVX2 static void kv_f32_mix_avx2(float *y, const float *a, const uint8_t *rows, size_t stride, int m, int n) {
+    int k0 = 0;
+    for (; k0 + 64 <= n; k0 += 64) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int t = 0; t < m; t++) {
+            const float *row = (const float *)(rows + (size_t)t * stride) + k0;
+            const __m256 av = _mm256_set1_ps(a[t]);
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(av, _mm256_loadu_ps(row + 8 * j), acc[j]);
+        }
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(y + k0 + 8 * j, acc[j]);
+    }
+    for (; k0 + 8 <= n; k0 += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int t = 0; t < m; t++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(a[t]), _mm256_loadu_ps((const float *)(rows + (size_t)t * stride) + k0), acc);
+        _mm256_storeu_ps(y + k0, acc);
+    }
+    for (; k0 < n; k0++) {
+        float s = 0.0f;
+        for (int t = 0; t < m; t++) s += a[t] * ((const float *)(rows + (size_t)t * stride))[k0];
+        y[k0] = s;
+    }
+}
+
 void qrz_register_kv_avx2(void) {
-    qrz_kv[QRZ_KV_CACHE_F16][QRZ_ISA_AVX2] = (qrz_kv_ops){kv_f16_store_avx2, kv_f16_dot_avx2, kv_f16_axpy_avx2};
-    qrz_kv[QRZ_KV_CACHE_Q8][QRZ_ISA_AVX2] = (qrz_kv_ops){kv_q8_store_avx2, kv_q8_dot_avx2, kv_q8_axpy_avx2};
-    qrz_kv[QRZ_KV_CACHE_SDR4][QRZ_ISA_AVX2] = (qrz_kv_ops){kv_sdr4_store_avx2, kv_sdr4_dot_avx2, kv_sdr4_axpy_avx2};
+    qrz_kv[QRZ_KV_CACHE_F32][QRZ_ISA_AVX2].dots = kv_f32_dots_avx2;
+    qrz_kv[QRZ_KV_CACHE_F32][QRZ_ISA_AVX2].mix = kv_f32_mix_avx2;
+    qrz_kv[QRZ_KV_CACHE_F16][QRZ_ISA_AVX2] =
+        (qrz_kv_ops){.store = kv_f16_store_avx2, .dot = kv_f16_dot_avx2, .axpy = kv_f16_axpy_avx2};
+    qrz_kv[QRZ_KV_CACHE_Q8][QRZ_ISA_AVX2] =
+        (qrz_kv_ops){.store = kv_q8_store_avx2, .dot = kv_q8_dot_avx2, .axpy = kv_q8_axpy_avx2};
+    qrz_kv[QRZ_KV_CACHE_SDR4][QRZ_ISA_AVX2] =
+        (qrz_kv_ops){.store = kv_sdr4_store_avx2, .dot = kv_sdr4_dot_avx2, .axpy = kv_sdr4_axpy_avx2};
 }
 #endif

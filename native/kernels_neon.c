@@ -453,7 +453,7 @@ static int g_dotprod;
 int qrz_neon_uses_dotprod(void) { return g_dotprod; }
 
 void qrz_register_neon(void) {
-    qrz_vec[QRZ_ISA_NEON] = (qrz_vec_ops){dot_neon, axpy_neon};
+    qrz_vec[QRZ_ISA_NEON] = (qrz_vec_ops){.dot = dot_neon, .axpy = axpy_neon};   /* softmax: the scalar one */
     qrz_type_traits *t = qrz_types;
     t[QRZ_TYPE_F32].matmul[0][QRZ_ISA_NEON] = f32_matmul_neon;
     t[QRZ_TYPE_F16].matmul[0][QRZ_ISA_NEON] = f16_matmul_neon;

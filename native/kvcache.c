@@ -203,6 +203,17 @@ qrz_kv_ops qrz_kv_ops_for(int kv_type, int isa) {
     return ops;
 }
 
+void qrz_kv_dots(const qrz_kv_ops *ops, const float *q, const uint8_t *rows, size_t stride, int m, int n, float *out) {
+    if (ops->dots) { ops->dots(q, rows, stride, m, n, out); return; }
+    for (int t = 0; t < m; t++) out[t] = ops->dot(q, rows + (size_t)t * stride, n);
+}
+
+void qrz_kv_mix(const qrz_kv_ops *ops, float *y, const float *a, const uint8_t *rows, size_t stride, int m, int n) {
+    if (ops->mix) { ops->mix(y, a, rows, stride, m, n); return; }
+    memset(y, 0, (size_t)n * sizeof(float));
+    for (int t = 0; t < m; t++) ops->axpy(y, a[t], rows + (size_t)t * stride, n);
+}
+
 /* ---- the entry point for the tests ---- */
 int qrz_kernel_kv_rows(int isa, int kv_type, int32_t head_dim, const float *x, int32_t n_rows, const float *q,
                        const float *a, uint8_t *raw, float *rows_out, float *dots, float *axpy_out) {
@@ -214,16 +225,14 @@ int qrz_kernel_kv_rows(int isa, int kv_type, int32_t head_dim, const float *x, i
     uint8_t *rows = raw ? raw : malloc(rb * (uint64_t)n_rows);
     if (!rows) return QRZ_ERR_MEMORY;
     for (int32_t i = 0; i < n_rows; i++) ops.store(rows + rb * i, x + (size_t)i * head_dim, head_dim);
-    for (int32_t i = 0; i < n_rows; i++) {
-        const uint8_t *row = rows + rb * i;
-        if (rows_out) {
-            float *out = rows_out + (size_t)i * head_dim;
-            memset(out, 0, (size_t)head_dim * sizeof(float));
-            ops.axpy(out, 1.0f, row, head_dim);
-        }
-        if (dots) dots[i] = ops.dot(q, row, head_dim);
-        if (axpy_out) ops.axpy(axpy_out, a[i], row, head_dim);
+    for (int32_t i = 0; i < n_rows && rows_out; i++) {
+        float *out = rows_out + (size_t)i * head_dim;
+        memset(out, 0, (size_t)head_dim * sizeof(float));
+        ops.axpy(out, 1.0f, rows + rb * i, head_dim);
     }
+    /* attention's batched calls, over all the rows (axpy_out is overwritten, as attention's output is) */
+    if (dots) qrz_kv_dots(&ops, q, rows, rb, n_rows, head_dim, dots);
+    if (axpy_out) qrz_kv_mix(&ops, axpy_out, a, rows, rb, n_rows, head_dim);
     if (!raw) free(rows);
     return QRZ_OK;
 }

@@ -321,7 +321,7 @@ int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context *
     c->att = malloc(B * Q * sizeof(float));
     c->hb = malloc(B * F * sizeof(float));
     c->hb2 = malloc(B * F * sizeof(float));
-    c->scores = malloc((size_t)qrz_pool_size(c->pool) * c->n_ctx * sizeof(float));
+    c->scores = malloc((size_t)qrz_pool_size(c->pool) * (c->n_ctx + c->head_dim) * sizeof(float));
     c->act_q = malloc(B * max_cols);
     c->act_d = malloc(B * per_row * sizeof(float));
     c->act_e = malloc(B * per_row);
@@ -449,7 +449,7 @@ static void attention_task(void *arg, int ith, int nth) {
     const qrz_layer *L = job->L;
     const int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, slots = L->kv_slots;
     const size_t row = c->kv_row_bytes, slot_bytes = (size_t)c->n_kv_heads * row;
-    float *scores = c->scores + (size_t)ith * c->n_ctx;
+    float *scores = c->scores + (size_t)ith * (c->n_ctx + hd);
     const qrz_kv_ops *kv = &c->kv_ops;
     const int total = job->n * c->n_heads;
     for (int job_i = ith; job_i < total; job_i += nth) {
@@ -457,18 +457,18 @@ static void attention_task(void *arg, int ith, int nth) {
         const int first = L->window && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0, span = pos - first + 1;
         const float *q = c->q + ((size_t)i * c->n_heads + h) * hd;
         const size_t head = (size_t)(h / group) * row;
-        float maxs = -INFINITY;
-        for (int t = 0, slot = first % slots; t < span; t++, slot = slot + 1 == slots ? 0 : slot + 1) {
-            scores[t] = kv->dot(q, L->k_cache + (size_t)slot * slot_bytes + head, hd) * c->attn_scale;
-            if (scores[t] > maxs) maxs = scores[t];
-        }
-        float sum = 0.0f;
-        for (int t = 0; t < span; t++) { scores[t] = expf(scores[t] - maxs); sum += scores[t]; }
-        const float inv = 1.0f / sum;
+        /* the span's slots are [s0, s0 + n0) then, where the ring wraps, [0, span - n0) */
+        const int s0 = first % slots, n0 = span < slots - s0 ? span : slots - s0;
+        qrz_kv_dots(kv, q, L->k_cache + (size_t)s0 * slot_bytes + head, slot_bytes, n0, hd, scores);
+        if (n0 < span) qrz_kv_dots(kv, q, L->k_cache + head, slot_bytes, span - n0, hd, scores + n0);
+        qrz_softmax(c->isa, scores, span, c->attn_scale);
         float *out = c->att + ((size_t)i * c->n_heads + h) * hd;
-        memset(out, 0, hd * sizeof(float));
-        for (int t = 0, slot = first % slots; t < span; t++, slot = slot + 1 == slots ? 0 : slot + 1)
-            kv->axpy(out, scores[t] * inv, L->v_cache + (size_t)slot * slot_bytes + head, hd);
+        qrz_kv_mix(kv, out, scores, L->v_cache + (size_t)s0 * slot_bytes + head, slot_bytes, n0, hd);
+        if (n0 < span) {   /* the wrapped part: its mix added to the first part's */
+            float *part = scores + c->n_ctx;
+            qrz_kv_mix(kv, part, scores + n0, L->v_cache + head, slot_bytes, span - n0, hd);
+            for (int k = 0; k < hd; k++) out[k] += part[k];
+        }
     }
 }
 

@@ -43,7 +43,11 @@ typedef enum {
 typedef enum { QRZ_KV_CACHE_F32 = 0, QRZ_KV_CACHE_F16 = 1, QRZ_KV_CACHE_Q8 = 2, QRZ_KV_CACHE_SDR4 = 3 } qrz_kv_cache_type;
 
 /* instruction sets a kernel can run on; QRZ_ISA_BEST picks what the CPU has (see qrz_isa_name) */
-typedef enum { QRZ_ISA_BEST = -1, QRZ_ISA_SCALAR = 0, QRZ_ISA_AVX2 = 1, QRZ_ISA_NEON = 2 } qrz_isa;
+/* AVXVNNI: AVX2 plus AVX-VNNI's 256-bit dot product; AVX512: AVX-512 F, BW, VL and VNNI on 512-bit vectors.
+ * Kernels an ISA has no own version of are the AVX2 ones. */
+typedef enum {
+    QRZ_ISA_BEST = -1, QRZ_ISA_SCALAR = 0, QRZ_ISA_AVX2 = 1, QRZ_ISA_NEON = 2, QRZ_ISA_AVXVNNI = 3, QRZ_ISA_AVX512 = 4
+} qrz_isa;
 
 typedef struct qrz_model qrz_model;       /* the mmapped file, its metadata and weight views */
 typedef struct qrz_context qrz_context;   /* KV cache, scratch buffers, thread pool, token history */
@@ -186,11 +190,13 @@ int qrz_kernel_dequant_row(int type, int32_t group_size, const void *w, int64_t 
  * A context's qrz_context_kv_bytes is 2 (k and v) x n_kv_heads x this, summed over every layer's slots. */
 uint64_t qrz_kv_row_bytes(int kv_type, int32_t head_dim);
 /* KV cache rows with one ISA's kernels: stores x[n_rows x head_dim] as rows of kv_type into raw (n_rows x
- * qrz_kv_row_bytes bytes), then for each row i in order: rows_out[i] = 0 + 1 * row (the row as float, through
- * axpy), dots[i] = q . row, axpy_out[head_dim] += a[i] * row. raw, rows_out, dots (with q) and axpy_out (with a)
- * may each be NULL. */
+ * qrz_kv_row_bytes bytes), then rows_out[i] = 0 + 1 * row i (the row as float, through axpy), and through the
+ * batched calls attention makes, dots[i] = q . row i and axpy_out[head_dim] = sum_i a[i] * row i. raw, rows_out,
+ * dots (with q) and axpy_out (with a) may each be NULL. */
 int qrz_kernel_kv_rows(int isa, int kv_type, int32_t head_dim, const float *x, int32_t n_rows, const float *q,
                        const float *a, uint8_t *raw, float *rows_out, float *dots, float *axpy_out);
+/* attention's softmax with one ISA's kernel, in place: x[t] = exp(scale x[t] - m) / sum, m the largest scale x[t] */
+int qrz_kernel_softmax(int isa, float *x, int32_t n, float scale);
 
 #ifdef __cplusplus
 }

@@ -10,7 +10,7 @@
 #define QRZ_VERSION 1u
 #define QRZ_ALIGN 64u
 #define QRZ_HEADER_BYTES 48u
-#define QRZ_ISA_COUNT 3
+#define QRZ_ISA_COUNT 5
 
 /* ---- logging and errors ---- */
 void qrz_log(int level, const char *fmt, ...);
@@ -173,7 +173,10 @@ qrz_matmul_fn qrz_matmul_for(int type, int path, int isa);
 typedef struct {
     float (*dot)(const float *a, const float *b, int n);
     void (*axpy)(float *y, float a, const float *x, int n);     /* y += a * x */
+    /* NULL, or in place: x[t] = exp(scale x[t] - m) / sum, m = max scale x[t] (attention's weights) */
+    void (*softmax)(float *x, int n, float scale);
 } qrz_vec_ops;
+void qrz_softmax(int isa, float *x, int n, float scale);   /* the ISA's softmax, else the scalar one */
 extern qrz_vec_ops qrz_vec[QRZ_ISA_COUNT];
 
 /* KV cache rows (kvcache.c, docs/QUANTIZATION.md): one cached k or v vector of head_dim values per (slot, kv head),
@@ -183,17 +186,29 @@ typedef struct {
     void (*store)(void *row, const float *x, int n);            /* x[n] into a row */
     float (*dot)(const float *q, const void *row, int n);       /* q · row */
     void (*axpy)(float *y, float a, const void *row, int n);    /* y += a * row */
+    /* NULL, or the same over m rows `stride` bytes apart at once (attention's two loops, done per row they cost a
+     * call, a horizontal sum or a load and store of y per row): out[t] = q · row_t, and y = sum_t a[t] row_t */
+    void (*dots)(const float *q, const uint8_t *rows, size_t stride, int m, int n, float *out);
+    void (*mix)(float *y, const float *a, const uint8_t *rows, size_t stride, int m, int n);
 } qrz_kv_ops;
 /* [kv type][isa]; a NULL member means the scalar one (kernels_avx2.c fills the AVX2 column) */
 extern qrz_kv_ops qrz_kv[QRZ_KV_CACHE_COUNT][QRZ_ISA_COUNT];
 extern const char *const qrz_kv_names[QRZ_KV_CACHE_COUNT];
-qrz_kv_ops qrz_kv_ops_for(int kv_type, int isa);                /* resolved: no NULL members */
+qrz_kv_ops qrz_kv_ops_for(int kv_type, int isa);                /* resolved: store, dot and axpy set */
+/* out[t] = q · row_t and y = sum_t a[t] row_t over m rows `stride` bytes apart: ops->dots and ops->mix where set,
+ * else a loop of ops->dot or ops->axpy */
+void qrz_kv_dots(const qrz_kv_ops *ops, const float *q, const uint8_t *rows, size_t stride, int m, int n, float *out);
+void qrz_kv_mix(const qrz_kv_ops *ops, float *y, const float *a, const uint8_t *rows, size_t stride, int m, int n);
 int qrz_kv_group(int head_dim);   /* 8bit/4bit rows' group: head_dim if <= 32, else 32 if it divides, else 16 */
 
 /* per-ISA kernel registration (kernels_avx2.c, kernels_neon.c) */
 void qrz_register_avx2(void);
 void qrz_register_kv_avx2(void);    /* the KV-row section of kernels_avx2.c, called by qrz_register_avx2 */
 void qrz_register_neon(void);
+/* the AVXVNNI and AVX512 columns: the AVX2 column copied, then their own kernels */
+void qrz_register_avxvnni(void);
+void qrz_register_avx512(void);
+void qrz_isa_inherit(int isa, int from);   /* copies every kernel table's column `from` into column `isa` */
 
 /* ---- threads ---- */
 typedef struct qrz_pool qrz_pool;
@@ -254,7 +269,8 @@ struct qrz_context {
     /* scratch for one batch of up to n_batch tokens */
     float *rope_cos, *rope_sin;                   /* [2][n_batch][head_dim/2]: global, then sliding-layer angles */
     float *x, *xb, *q, *k, *v, *att, *hb, *hb2;   /* [n_batch][n_embd | n_heads*hd | n_kv*hd | n_ff] */
-    float *scores;                                /* [n_threads][n_ctx] attention weights */
+    float *scores;                                /* [n_threads][n_ctx + head_dim] attention weights, then a
+                                                   * head_dim part sum where the KV ring wraps */
     int act_bits;                                 /* 8 or 4: which activation path quantized matmuls take */
     int8_t *act_q;                                /* [n_batch][max cols] quantized activations */
     float *act_d;                                 /* [n_batch][max cols / min group + 1] their scales */

@@ -597,10 +597,38 @@ static void axpy_scalar(float *y, float a, const float *x, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+static void softmax_scalar(float *x, int n, float scale) {
+    float m = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        x[t] *= scale;
+        if (x[t] > m) m = x[t];
+    }
+    float sum = 0.0f;
+    for (int t = 0; t < n; t++) { x[t] = expf(x[t] - m); sum += x[t]; }
+    const float inv = 1.0f / sum;
+    for (int t = 0; t < n; t++) x[t] *= inv;
+}
+
+void qrz_softmax(int isa, float *x, int n, float scale) {
+    if (isa > 0 && isa < QRZ_ISA_COUNT && qrz_vec[isa].softmax) qrz_vec[isa].softmax(x, n, scale);
+    else softmax_scalar(x, n, scale);
+}
+
+int qrz_kernel_softmax(int isa, float *x, int32_t n, float scale) {
+    if (!x || n <= 0 || !(scale > 0.0f) || !isfinite(scale)) return QRZ_ERR_ARG;
+    if (isa == QRZ_ISA_BEST) isa = qrz_isa_default();
+    if (isa < 0 || isa >= QRZ_ISA_COUNT || !qrz_isa_supported(isa)) return QRZ_ERR_ARG;
+    qrz_types_init();
+    qrz_softmax(isa, x, n, scale);
+    return QRZ_OK;
+}
+
 qrz_vec_ops qrz_vec[QRZ_ISA_COUNT] = {
-    [QRZ_ISA_SCALAR] = {dot_scalar, axpy_scalar},
+    [QRZ_ISA_SCALAR] = {dot_scalar, axpy_scalar, softmax_scalar},
     [QRZ_ISA_AVX2] = {dot_scalar, axpy_scalar},     /* replaced by qrz_register_avx2 where the CPU has it */
     [QRZ_ISA_NEON] = {dot_scalar, axpy_scalar},
+    [QRZ_ISA_AVXVNNI] = {dot_scalar, axpy_scalar},
+    [QRZ_ISA_AVX512] = {dot_scalar, axpy_scalar},
 };
 
 /* ---- the table ---- */
@@ -619,12 +647,22 @@ qrz_type_traits qrz_types[QRZ_TYPE_COUNT] = {
                      {{sq_matmul_scalar}, {sq_matmul_scalar}}, sq_check, sq_nbytes_head},
 };
 
+void qrz_isa_inherit(int isa, int from) {
+    for (int t = 0; t < QRZ_TYPE_COUNT; t++)
+        for (int p = 0; p < 2; p++) qrz_types[t].matmul[p][isa] = qrz_types[t].matmul[p][from];
+    qrz_vec[isa] = qrz_vec[from];
+    qrz_acts_quantizer[isa] = qrz_acts_quantizer[from];
+    for (int k = 0; k < QRZ_KV_CACHE_COUNT; k++) qrz_kv[k][isa] = qrz_kv[k][from];
+}
+
 void qrz_types_init(void) {
     static int done;
     if (done) return;
     done = 1;
 #if defined(__x86_64__) || defined(__i386__)
     qrz_register_avx2();
+    if (qrz_isa_supported(QRZ_ISA_AVXVNNI)) qrz_register_avxvnni();
+    if (qrz_isa_supported(QRZ_ISA_AVX512)) qrz_register_avx512();
 #endif
 #if defined(__aarch64__)
     qrz_register_neon();

@@ -7,7 +7,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NATIVE = os.path.join(os.path.dirname(HERE), "native")
-SOURCES = ["file.c", "types.c", "kvcache.c", "cpu.c", "kernels_avx2.c", "kernels_neon.c", "model.c", "generate.c"]
+SOURCES = ["file.c", "types.c", "kvcache.c", "cpu.c", "kernels_avx2.c", "kernels_avxvnni.c", "kernels_avx512.c", "kernels_neon.c", "model.c", "generate.c"]
 
 
 def _cdef_from_header(path):

@@ -25,7 +25,8 @@ _STATUS_ERRORS = {
     lib.QRZ_ERR_ABORTED: QrzError,
 }
 
-ISA_NAMES = {"scalar": lib.QRZ_ISA_SCALAR, "avx2": lib.QRZ_ISA_AVX2, "neon": lib.QRZ_ISA_NEON}
+ISA_NAMES = {"scalar": lib.QRZ_ISA_SCALAR, "avx2": lib.QRZ_ISA_AVX2, "neon": lib.QRZ_ISA_NEON,
+             "avxvnni": lib.QRZ_ISA_AVXVNNI, "avx512": lib.QRZ_ISA_AVX512}
 
 
 def check(status, message):
@@ -192,6 +193,15 @@ def kernel_dequant_row(type_id, group, weight_bytes, rows, cols, r):
 def kv_row_bytes(kv, head_dim):
     """bytes of one KV cache row (one position, one kv head) of type kv ("f32", "f16", "8bit", "4bit")"""
     return lib.qrz_kv_row_bytes(KV_CACHE_TYPES[kv] if isinstance(kv, str) else kv, head_dim)
+
+
+def kernel_softmax(isa, x, scale):
+    """Attention's softmax of x (1-D) with the isa's kernel: exp(scale x - max) / sum."""
+    out = np.array(x, dtype=np.float32, copy=True).reshape(-1)
+    status = lib.qrz_kernel_softmax(ISA_NAMES.get(isa, isa) if isinstance(isa, str) else isa,
+                                    as_c_array(out, np.float32), out.size, float(scale))
+    check(status, f"kernel softmax failed (isa={isa}, n={out.size}, scale={scale})")
+    return out
 
 
 def kernel_kv_rows(isa, kv, x, q=None, a=None):

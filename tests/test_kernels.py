@@ -12,7 +12,7 @@ from convert.formats import nibbles
 from convert.formats import q8 as q8_format
 from convert.formats import sdr as sdr_format
 
-ISAS = ["scalar"] + [isa for isa in ("avx2",) if _native.isa_supported(isa)]
+ISAS = ["scalar"] + [isa for isa in ("avx2", "avxvnni", "avx512") if _native.isa_supported(isa)]
 
 
 def quantize_acts_q8(x, group):

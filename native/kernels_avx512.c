@@ -15,7 +15,9 @@
 #define QRZ_AVX512_INLINE QRZ_AVX512 static inline __attribute__((always_inline))
 #define AVX512_NT 8   /* activation rows per pass over the weight rows: 8 accumulators of the 32 registers */
 
-/* ---- SDR x I8_ROW ----
+/* ---- SDR x I8_ROW, two runs per vector ----
+ * For groups of 16, 48, 80, ... and the rows short of a block of sixteen; whole-run groups in blocks of sixteen
+ * rows take the column kernel further down, which measured faster (docs/SPEED.md).
  * vpdpbusd multiplies unsigned by signed bytes. The AVX2 kernel makes the codes the unsigned side (u = m + 8) and
  * subtracts 8 sum_g 2^e_g sum q per activation row; at G = 32 that correction costs as many instructions per
  * activation row as the products themselves. Here the activations are the unsigned side instead: q + 128, one
@@ -133,10 +135,177 @@ QRZ_AVX512 static void sdr_matmul_i8_avx512(const qrz_weight *w, const qrz_acts 
     matmul_rest(sdr_matmul_i8_few, w, x, i, r0, r1, y, ldy);   /* the AVX2 kernel, the same integers */
 }
 
+/* ---- FP4 x Q8_GROUP (and FP4's own activation kinds, one scale per row or per group) ----
+ * Sixteen weight rows at once, one per int32 lane, so a group's sums come out of the products already per row and
+ * need no horizontal reduction (at G = 32 that reduction costs as much as the products). For that, each group of
+ * the sixteen rows is repacked once into G / 4 vectors, vector j holding codes 4j..4j+3 of row a in lane a, as the
+ * layout's table shifted by its top value (lut + top in 0..2 top <= 128, unsigned); then one vpdpbusd per four
+ * columns, against those four activation bytes broadcast to every lane, adds sum (lut + top) q for all sixteen rows.
+ * The repacking serves every activation row of the call. sum lut q = that - top sum q, sum q per group coming
+ * with the activations. The float steps are the scalar kernel's, in its order, one row per lane: acc += (d_w d_x)
+ * sum, a multiply, a multiply and an add; so the result is the scalar one bit for bit. */
+#define COL_ROWS 16         /* weight rows per block: one per int32 lane */
+#define COL_ACT_CHUNK 64    /* activation rows whose accumulators a block keeps (on the stack) */
+#define COL_NT 8            /* activation rows a column vector serves at once */
+
+/* cols[j] lane a = the four bytes 4j..4j+3 of rowvals[a], for j < G / 4 (G <= 256) */
+QRZ_AVX512_INLINE void columns_of_rows(const uint8_t (*rowvals)[256], int32_t G, __m512i *cols) {
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(256 / 4));
+    for (int32_t j = 0; j < G / 4; j++)
+        cols[j] = _mm512_i32gather_epi32(_mm512_add_epi32(rows, _mm512_set1_epi32(j)), (const void *)rowvals, 4);
+}
+
+/* s[u] += the sixteen rows' dot products with activation row u's G bytes at xg + u K, for u < NT: one vpdpbusd per
+ * four columns and activation row, NT independent chains (one chain alone would wait on each product's latency) */
+QRZ_AVX512_INLINE void columns_dot(const __m512i *cols, int32_t G, const int8_t *xg, int64_t K, __m512i *s,
+                                   const int NT) {
+    for (int32_t j = 0; j < G / 4; j++)
+        for (int u = 0; u < NT; u++) {
+            int32_t four;
+            memcpy(&four, xg + u * K + 4 * j, 4);
+            s[u] = _mm512_dpbusd_epi32(s[u], cols[j], _mm512_set1_epi32(four));
+        }
+}
+
+/* the sixteen rows' group g as G / 4 column vectors cols[j] (lane a: row a's codes 4j..4j+3 through lut_u) */
+QRZ_AVX512_INLINE void fp4_repack16(const uint8_t *codes, int64_t row_bytes, int64_t g, int32_t G, __m256i lut_u,
+                                    __m512i *cols) {
+    uint8_t rowvals[COL_ROWS][256] __attribute__((aligned(64)));   /* G <= 256 (fp4_matmul_avx512 checks) */
+    for (int a = 0; a < COL_ROWS; a++)
+        for (int32_t c = 0; c < G / 32; c++) {
+            const uint8_t *p = codes + a * row_bytes + (g * G + 32 * c) / 2;
+            _mm256_store_si256((__m256i *)(rowvals[a] + 32 * c), _mm256_shuffle_epi8(lut_u, nibu_run(p)));
+        }
+    columns_of_rows((const uint8_t (*)[256])rowvals, G, cols);
+}
+
+/* acc[u] += (d_w d_x) sum for activation rows i .. i + NT - 1 and group g */
+QRZ_AVX512_INLINE void fp4_group_rows(const qrz_acts *x, int64_t i, int64_t g, int32_t G, int top, const __m512i *cols,
+                                      __m512 dw, bool grouped, __m512 *acc, const int NT) {
+    const int64_t K = x->cols, ng = K / G;
+    __m512i s[COL_NT];
+    for (int u = 0; u < NT; u++) s[u] = _mm512_set1_epi32(-top * x->sums[(i + u) * ng + g]);
+    columns_dot(cols, G, x->q + i * K + g * G, K, s, NT);
+    for (int u = 0; u < NT; u++) {
+        const __m512 sc = grouped ? _mm512_mul_ps(dw, _mm512_set1_ps(x->d[(i + u) * ng + g])) : dw;
+        acc[u] = _mm512_add_ps(acc[u], _mm512_mul_ps(sc, _mm512_cvtepi32_ps(s[u])));
+    }
+}
+
+QRZ_AVX512_INLINE void fp4_block16(const qrz_weight *w, const qrz_acts *x, int64_t rb, float *y, int64_t ldy) {
+    const qrz_fp4_view v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
+    const int32_t G = w->group;
+    const int64_t K = w->cols, ng = K / G;
+    const int top = qrz_fp4_lut[v.e_w][7];
+    const __m256i lut_u = _mm256_broadcastsi128_si256(
+        _mm_add_epi8(_mm_loadu_si128((const __m128i *)qrz_fp4_lut[v.e_w]), _mm_set1_epi8((char)top)));
+    const bool grouped = qrz_acts_grouped(x->kind);
+    for (int64_t t0 = 0; t0 < x->n; t0 += COL_ACT_CHUNK) {
+        const int64_t nt = x->n - t0 < COL_ACT_CHUNK ? x->n - t0 : COL_ACT_CHUNK;
+        __m512 acc[COL_ACT_CHUNK];
+        for (int64_t t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            __m512i cols[64];
+            fp4_repack16(v.codes + rb * (K / 2), K / 2, g, G, lut_u, cols);
+            /* lane a: row rb + a's scale of group g */
+            const uint16_t *dbase = v.d + rb * ng + g;
+            uint16_t dh[COL_ROWS];
+            for (int a = 0; a < COL_ROWS; a++) dh[a] = dbase[a * ng];
+            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dh));
+            int64_t t = 0;
+            for (; t + COL_NT <= nt; t += COL_NT) fp4_group_rows(x, t0 + t, g, G, top, cols, dw, grouped, acc + t, COL_NT);
+            for (; t < nt; t++) fp4_group_rows(x, t0 + t, g, G, top, cols, dw, grouped, acc + t, 1);
+        }
+        for (int64_t t = 0; t < nt; t++) {
+            const int64_t i = t0 + t;
+            const __m512 out = grouped ? acc[t] : _mm512_mul_ps(acc[t], _mm512_set1_ps(x->d[i]));
+            _mm512_storeu_ps(y + i * ldy + rb, out);
+        }
+    }
+}
+
+/* ---- SDR x I8_ROW, sixteen weight rows per vector ----
+ * The FP4 kernel's layout (above) for SDR: each group of sixteen rows repacked into G / 4 column vectors, lane a
+ * holding row a's u 2^e (u = m + 8 <= 15, e <= 4: at most 240, an unsigned byte), and one vpdpbusd per four
+ * columns against those four activation bytes broadcast. A group's sum of m q 2^e is that less 8 2^e sum q, a
+ * shift per lane of the activations' group sum; the groups then add in int32 (exact modulo 2^32 like the scalar
+ * kernel's), and the row and activation scales multiply once at the end as in the scalar kernel. */
+QRZ_AVX512_INLINE void sdr_repack16(const sdr_view *p, int64_t rb, int64_t K, int64_t g, int32_t G, __m512i *cols,
+                                    __m512i *shifts) {
+    uint8_t rowvals[COL_ROWS][256] __attribute__((aligned(64)));   /* G <= 256 (the loader checks it) */
+    int32_t e[COL_ROWS];
+    for (int a = 0; a < COL_ROWS; a++) {
+        e[a] = nib_shift(p->e + (rb + a) * p->fb, g);
+        const __m256i sh = _mm256_set1_epi32(e[a]);
+        for (int32_t c = 0; c < G / 32; c++) {
+            const uint8_t *m = p->m + (rb + a) * (K / 2) + (g * G + 32 * c) / 2;
+            _mm256_store_si256((__m256i *)(rowvals[a] + 32 * c), _mm256_sllv_epi32(nibu_run(m), sh));
+        }
+    }
+    *shifts = _mm512_add_epi32(_mm512_loadu_si512(e), _mm512_set1_epi32(3));   /* 8 2^e = 1 << (e + 3) */
+    columns_of_rows((const uint8_t (*)[256])rowvals, G, cols);
+}
+
+/* tot[u] += sum over group g of m q 2^e for activation rows i .. i + NT - 1 */
+QRZ_AVX512_INLINE void sdr_group_rows(const qrz_acts *x, int64_t i, int64_t g, int32_t G, const __m512i *cols,
+                                      __m512i shifts, __m512i *tot, const int NT) {
+    const int64_t K = x->cols, ng = K / G;
+    __m512i s[COL_NT];
+    for (int u = 0; u < NT; u++) s[u] = _mm512_setzero_si512();
+    columns_dot(cols, G, x->q + i * K + g * G, K, s, NT);
+    for (int u = 0; u < NT; u++)
+        tot[u] = _mm512_add_epi32(tot[u], _mm512_sub_epi32(s[u], _mm512_sllv_epi32(_mm512_set1_epi32(x->sums[(i + u) * ng + g]), shifts)));
+}
+
+QRZ_AVX512_INLINE void sdr_block16(const qrz_weight *w, const qrz_acts *x, int64_t rb, float *y, int64_t ldy) {
+    const sdr_view p = sdr_view_of(w);
+    const int32_t G = w->group;
+    const int64_t K = w->cols, ng = K / G;
+    const __m512 s_w = _mm512_loadu_ps(p.s + rb);
+    for (int64_t t0 = 0; t0 < x->n; t0 += COL_ACT_CHUNK) {
+        const int64_t nt = x->n - t0 < COL_ACT_CHUNK ? x->n - t0 : COL_ACT_CHUNK;
+        __m512i tot[COL_ACT_CHUNK];
+        for (int64_t t = 0; t < nt; t++) tot[t] = _mm512_setzero_si512();
+        for (int64_t g = 0; g < ng; g++) {
+            __m512i cols[64], shifts;
+            sdr_repack16(&p, rb, K, g, G, cols, &shifts);
+            int64_t t = 0;
+            for (; t + COL_NT <= nt; t += COL_NT) sdr_group_rows(x, t0 + t, g, G, cols, shifts, tot + t, COL_NT);
+            for (; t < nt; t++) sdr_group_rows(x, t0 + t, g, G, cols, shifts, tot + t, 1);
+        }
+        for (int64_t t = 0; t < nt; t++) {
+            const int64_t i = t0 + t;
+            _mm512_storeu_ps(y + i * ldy + rb, _mm512_mul_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(s_w, _mm512_set1_ps(x->d[i]))));
+        }
+    }
+}
+
+QRZ_AVX512 static void sdr_matmul_i8_avx512_blocks(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,
+                                              int64_t ldy) {
+    int64_t r = r0;
+    if (x->n >= AVX512_NT && w->group % 32 == 0)   /* groups of whole runs of 32 codes (sdr_repack16) */
+        for (; r + COL_ROWS <= r1; r += COL_ROWS) sdr_block16(w, x, r, y, ldy);
+    if (r < r1) sdr_matmul_i8_avx512(w, x, r, r1, y, ldy);   /* the rows left over, any group */
+}
+
+static qrz_matmul_fn fp4_matmul_few;
+
+QRZ_AVX512 static void fp4_matmul_avx512(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,
+                                         int64_t ldy) {
+    int64_t r = r0;
+    if (x->n >= AVX512_NT && w->group <= 256)
+        for (; r + COL_ROWS <= r1; r += COL_ROWS) fp4_block16(w, x, r, y, ldy);
+    if (r < r1) fp4_matmul_few(w, x, r, r1, y, ldy);   /* the AVX2 kernel: the same results bit for bit */
+}
+
 void qrz_register_avx512(void) {
     qrz_isa_inherit(QRZ_ISA_AVX512, QRZ_ISA_AVX2);
     sdr_matmul_i8_few = qrz_types[QRZ_TYPE_SDR].matmul[0][QRZ_ISA_AVX2];
-    qrz_types[QRZ_TYPE_SDR].matmul[0][QRZ_ISA_AVX512] = sdr_matmul_i8_avx512;
+    qrz_types[QRZ_TYPE_SDR].matmul[0][QRZ_ISA_AVX512] = sdr_matmul_i8_avx512_blocks;
+    fp4_matmul_few = qrz_types[QRZ_TYPE_FP4].matmul[0][QRZ_ISA_AVX2];
+    qrz_types[QRZ_TYPE_FP4].matmul[0][QRZ_ISA_AVX512] = fp4_matmul_avx512;
+    qrz_types[QRZ_TYPE_FP4].matmul[1][QRZ_ISA_AVX512] = fp4_matmul_avx512;
 }
 #else
 /* this compiler cannot emit AVX-512: the column is the AVX2 one */

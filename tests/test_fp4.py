@@ -80,6 +80,8 @@ CASES = [
     # group, weight rows, cols, activation rows
     (32, 7, 64, 1), (32, 33, 96, 5), (32, 3, 576, 65), (64, 5, 128, 3), (64, 65, 640, 7), (64, 1, 2048, 33),
     (96, 3, 192, 4), (128, 7, 384, 5), (256, 9, 512, 2), (320, 3, 640, 5), (640, 5, 640, 3), (2048, 3, 2048, 2),
+    # sixteen rows and eight activation rows or more: the AVX-512 kernel's blocks (and its rows and groups left over)
+    (32, 33, 160, 9), (64, 17, 640, 70), (96, 20, 192, 12), (256, 16, 512, 8),
 ]
 
 
@@ -128,19 +130,20 @@ def test_fp4_simd_matches_scalar(mode, act_bits, e_w, group, rows, cols, n):
 def test_fp4_largest_sums(isa, e_w, act_bits):
     """every weight the layout's top magnitude and every activation lane at its extreme: the integer sums reach
     their bounds (int16 pair sums in the SIMD kernels, int32 group sums) and must still be exact"""
-    rows, cols, group = 4, 4096, 4096
     e_a = 2
-    codes = np.full((rows, cols), 7, np.uint8)
-    codes[1] = 15
-    codes[2, ::2] = 15
-    wbytes = fp4.pack(e_w, np.ones((rows, 1), np.float16), codes, e_a, fp4.STATIC, 1.0, np.zeros(cols, np.uint8))
-    x = np.full((3, cols), 1e6, np.float32)
-    x[1] = -1e6
-    got = _native.kernel_matmul(isa, TYPE, group, wbytes, rows, cols, x, act_bits)
-    want, bound = fp4_reference(wbytes, rows, cols, group, x, act_bits)
-    assert np.all(np.abs(got - want) <= bound)
-    top = int(fp4.codebook(e_w)[-1]) * (127 if act_bits == 8 else 12 << 3)
-    assert abs(want[0, 0]) > 0.99 * top * cols * (1 if act_bits == 8 else 2.0 ** -3)
+    for rows, cols, group, n in ((4, 4096, 4096, 3), (16, 512, 256, 8)):   # the second: AVX-512's sixteen-row blocks
+        codes = np.full((rows, cols), 7, np.uint8)
+        codes[1] = 15
+        codes[2, ::2] = 15
+        ng = cols // group
+        wbytes = fp4.pack(e_w, np.ones((rows, ng), np.float16), codes, e_a, fp4.STATIC, 1.0, np.zeros(cols, np.uint8))
+        x = np.full((n, cols), 1e6, np.float32)
+        x[1] = -1e6
+        got = _native.kernel_matmul(isa, TYPE, group, wbytes, rows, cols, x, act_bits)
+        want, bound = fp4_reference(wbytes, rows, cols, group, x, act_bits)
+        assert np.all(np.abs(got - want) <= bound)
+        top = int(fp4.codebook(e_w)[-1]) * (127 if act_bits == 8 else 12 << 3)
+        assert abs(want[0, 0]) > 0.99 * top * cols * (1 if act_bits == 8 else 2.0 ** -3)
 
 
 def test_fp4_act_twin_matches_the_c_quantizer():

@@ -241,6 +241,8 @@ CASES_4BIT = [
     ("sdr", 64, 3, 256, 33), ("sdr", 64, 1, 576, 65),
     ("sdr", 256, 7, 512, 5), ("sdr", 256, 33, 768, 1), ("sdr", 256, 5, 256, 3),
     ("sdr", 48, 5, 96, 3), ("sdr", 96, 3, 192, 7), ("sdr", 128, 7, 384, 5), ("sdr", 80, 3, 160, 1),
+    # sixteen rows and eight activation rows or more: the AVX-512 kernel's blocks (and the rows left over)
+    ("sdr", 32, 33, 160, 9), ("sdr", 64, 17, 640, 70), ("sdr", 128, 16, 384, 8), ("sdr", 16, 20, 512, 12),
     ("int4", 16, 7, 64, 1), ("int4", 16, 33, 96, 5), ("int4", 32, 5, 64, 3), ("int4", 32, 65, 160, 7),
     ("int4", 32, 3, 576, 65), ("int4", 64, 3, 256, 33), ("int4", 256, 7, 512, 5), ("int4", 256, 1, 768, 1),
     ("int4", 48, 5, 96, 3), ("int4", 96, 3, 192, 7), ("int4", 512, 5, 1024, 3), ("int4", 320, 3, 640, 5),
@@ -321,8 +323,7 @@ def test_sdr_largest_sums(isa, group):
     limit the format's column bound is set by), W4A4 products 2^22 each, so a row of 2048 sums past 2^32 and only
     the int64 total holds it; a partial sum in int16, or an int32 total, would wrap"""
     rng = np.random.default_rng(5)
-    for cols, act_bits in ((1 << 17, 8), (2048, 4), (4096, 4)):
-        rows, n = 3, 5
+    for cols, act_bits, rows, n in ((1 << 17, 8, 3, 5), (2048, 4, 3, 5), (4096, 4, 3, 5), (1 << 17, 8, 16, 8)):
         m = np.full((rows, cols), -8)
         e = np.full((rows, cols // group), 4)
         m[1, ::2] = 7       # a row of mixed signs and shifts

@@ -145,7 +145,7 @@ QRZ_AVX512 static void sdr_matmul_i8_avx512(const qrz_weight *w, const qrz_acts 
  * with the activations. The float steps are the scalar kernel's, in its order, one row per lane: acc += (d_w d_x)
  * sum, a multiply, a multiply and an add; so the result is the scalar one bit for bit. */
 #define COL_ROWS 16         /* weight rows per block: one per int32 lane */
-#define COL_ACT_CHUNK 64    /* activation rows whose accumulators a block keeps (on the stack) */
+#define COL_ACT_CHUNK 128   /* activation rows whose accumulators a block keeps (on the stack) */
 #define COL_NT 8            /* activation rows a column vector serves at once */
 
 /* cols[j] lane a = the four bytes 4j..4j+3 of rowvals[a], for j < G / 4 (G <= 256) */

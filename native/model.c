@@ -361,6 +361,7 @@ typedef struct {
     float *y;
     int64_t ldy;
     qrz_matmul_fn fn;
+    int64_t acts_tile;   /* activation rows per kernel call */
 } matmul_job;
 
 static void matmul_task(void *arg, int ith, int nth) {
@@ -371,7 +372,7 @@ static void matmul_task(void *arg, int ith, int nth) {
     const int64_t end = r1 < job->w->rows ? r1 : job->w->rows;
     /* cache blocking for prompts: a block of weight rows stays in L1/L2 while a block of activation rows
      * streams past it, instead of every weight row meeting the whole batch */
-    const int64_t ROWS = 16, ACTS = 64, n = job->acts.n;
+    const int64_t ROWS = 16, ACTS = job->acts_tile, n = job->acts.n;
     for (int64_t rb = r0; rb < end; rb += ROWS) {
         const int64_t re = rb + ROWS < end ? rb + ROWS : end;
         for (int64_t ib = 0; ib < n; ib += ACTS) {
@@ -387,7 +388,10 @@ static void matmul(qrz_context *c, const qrz_weight *w, const float *x, int64_t 
     const int path = qrz_act_path(w->type, c->act_bits);
     matmul_job job = {w, {n, w->cols, x, qrz_acts_kind_for(w, path), c->act_q, c->act_d, c->act_e, w->group, w->data,
                           c->act_sums},
-                      y, w->rows, qrz_matmul_for(w->type, path, c->isa)};
+                      y, w->rows, qrz_matmul_for(w->type, path, c->isa),
+                      /* AVX-512's column kernels repack each weight group once per call, so more rows per call
+                       * amortize it (128 measured 5-10% faster on prompts there; on AVX2 64 stays ahead) */
+                      c->isa == QRZ_ISA_AVX512 ? 128 : 64};
     qrz_quantize_acts_isa(&job.acts, c->isa);
     qrz_pool_run(c->pool, matmul_task, &job);
 }

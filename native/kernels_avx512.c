@@ -214,7 +214,8 @@ QRZ_AVX512_INLINE void fp4_block16(const qrz_weight *w, const qrz_acts *x, int64
             for (int a = 0; a < COL_ROWS; a++) dh[a] = dbase[a * ng];
             const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dh));
             int64_t t = 0;
-            for (; t + COL_NT <= nt; t += COL_NT) fp4_group_rows(x, t0 + t, g, G, top, cols, dw, grouped, acc + t, COL_NT);
+            for (; t + COL_NT <= nt; t += COL_NT)
+                fp4_group_rows(x, t0 + t, g, G, top, cols, dw, grouped, acc + t, COL_NT);
             for (; t < nt; t++) fp4_group_rows(x, t0 + t, g, G, top, cols, dw, grouped, acc + t, 1);
         }
         for (int64_t t = 0; t < nt; t++) {
@@ -254,8 +255,10 @@ QRZ_AVX512_INLINE void sdr_group_rows(const qrz_acts *x, int64_t i, int64_t g, i
     __m512i s[COL_NT];
     for (int u = 0; u < NT; u++) s[u] = _mm512_setzero_si512();
     columns_dot(cols, G, x->q + i * K + g * G, K, s, NT);
-    for (int u = 0; u < NT; u++)
-        tot[u] = _mm512_add_epi32(tot[u], _mm512_sub_epi32(s[u], _mm512_sllv_epi32(_mm512_set1_epi32(x->sums[(i + u) * ng + g]), shifts)));
+    for (int u = 0; u < NT; u++) {
+        const __m512i corr = _mm512_sllv_epi32(_mm512_set1_epi32(x->sums[(i + u) * ng + g]), shifts);
+        tot[u] = _mm512_add_epi32(tot[u], _mm512_sub_epi32(s[u], corr));
+    }
 }
 
 QRZ_AVX512_INLINE void sdr_block16(const qrz_weight *w, const qrz_acts *x, int64_t rb, float *y, int64_t ldy) {
@@ -276,13 +279,14 @@ QRZ_AVX512_INLINE void sdr_block16(const qrz_weight *w, const qrz_acts *x, int64
         }
         for (int64_t t = 0; t < nt; t++) {
             const int64_t i = t0 + t;
-            _mm512_storeu_ps(y + i * ldy + rb, _mm512_mul_ps(_mm512_cvtepi32_ps(tot[t]), _mm512_mul_ps(s_w, _mm512_set1_ps(x->d[i]))));
+            const __m512 scale = _mm512_mul_ps(s_w, _mm512_set1_ps(x->d[i]));
+            _mm512_storeu_ps(y + i * ldy + rb, _mm512_mul_ps(_mm512_cvtepi32_ps(tot[t]), scale));
         }
     }
 }
 
-QRZ_AVX512 static void sdr_matmul_i8_avx512_blocks(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,
-                                              int64_t ldy) {
+QRZ_AVX512 static void sdr_matmul_i8_avx512_blocks(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1,
+                                                   float *y, int64_t ldy) {
     int64_t r = r0;
     if (x->n >= AVX512_NT && w->group % 32 == 0)   /* groups of whole runs of 32 codes (sdr_repack16) */
         for (; r + COL_ROWS <= r1; r += COL_ROWS) sdr_block16(w, x, r, y, ldy);

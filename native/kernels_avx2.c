@@ -642,6 +642,9 @@ QRZ_AVX2_INLINE void fp4u_group(const uint8_t *m, const int8_t *x, int64_t K, in
     }
 }
 
+/* runs of a group that add in int16 before widening, by the weight layout (fp4u_group) */
+static inline int32_t fp4_burst(int e_w) { return e_w == 3 ? 1 : e_w == 2 ? 4 : 8; }
+
 /* what both FP4 row kernels set up: the tensor's planes, the layout's table shifted by its top value
  * (fp4u_group) in both lanes, and the activation rows from i on */
 typedef struct {
@@ -659,7 +662,7 @@ QRZ_AVX2_INLINE fp4_setup fp4_setup_of(const qrz_weight *w, const qrz_acts *x, i
     fp4_setup f;
     f.v = qrz_fp4_split(w->data, w->rows, w->cols, w->group);
     f.top = qrz_fp4_lut[f.v.e_w][7];
-    f.burst = f.v.e_w == 3 ? 1 : f.v.e_w == 2 ? 4 : 8;
+    f.burst = fp4_burst(f.v.e_w);
     f.lut_u = _mm256_broadcastsi128_si256(
         _mm_add_epi8(_mm_loadu_si128((const __m128i *)qrz_fp4_lut[f.v.e_w]), _mm_set1_epi8((char)f.top)));
     f.rpg = RPG > 0 ? RPG : w->group / 32;
@@ -679,8 +682,9 @@ QRZ_AVX2_INLINE __m256i hsum8x8_i32(const __m256i *v) {
 }
 
 QRZ_AVX2_INLINE void fp4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
-                              float *y, int64_t ldy, const int NT, const int RPG) {
+                              float *y, int64_t ldy, const int NT, const int RPG, const int ONE_BURST) {
     const fp4_setup f = fp4_setup_of(w, x, i, RPG);
+    const int32_t runs = ONE_BURST ? RPG : f.rpg, burst = ONE_BURST ? RPG : f.burst;
     for (int64_t r = r0; r < r1; r++) {
         const uint16_t *wd = f.v.d + r * f.ng;
         const uint8_t *codes = f.v.codes + r * (f.K / 2);
@@ -690,7 +694,7 @@ QRZ_AVX2_INLINE void fp4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i,
             __m256i sums[4][8];
             for (int64_t j = 0; j < 8; j++) {
                 __m256i s32[4];
-                if (j < gn) fp4u_group(codes + (g0 + j) * 16 * f.rpg, f.xq + (g0 + j) * 32 * f.rpg, f.K, f.rpg, f.burst, f.lut_u, NT, s32);
+                if (j < gn) fp4u_group(codes + (g0 + j) * 16 * runs, f.xq + (g0 + j) * 32 * runs, f.K, runs, burst, f.lut_u, NT, s32);
                 for (int t = 0; t < NT; t++) sums[t][j] = j < gn ? s32[t] : _mm256_setzero_si256();
             }
             float ds[8];
@@ -729,8 +733,9 @@ QRZ_AVX2_INLINE void transpose8_ps(__m256 *v) {
 }
 
 QRZ_AVX2_INLINE void fp4_rows8(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r, float *y, int64_t ldy,
-                               const int NT, const int RPG) {
+                               const int NT, const int RPG, const int ONE_BURST) {
     const fp4_setup f = fp4_setup_of(w, x, i, RPG);
+    const int32_t runs = ONE_BURST ? RPG : f.rpg, burst = ONE_BURST ? RPG : f.burst;
     const uint16_t *wd = f.v.d + r * f.ng;
     const uint8_t *codes = f.v.codes + r * (f.K / 2);
     __m256 acc[4];
@@ -754,7 +759,7 @@ QRZ_AVX2_INLINE void fp4_rows8(const qrz_weight *w, const qrz_acts *x, int64_t i
             __m256i sums[4][8];
             for (int a = 0; a < 8; a++) {
                 __m256i s32[4];
-                fp4u_group(codes + a * (f.K / 2) + g * 16 * f.rpg, f.xq + g * 32 * f.rpg, f.K, f.rpg, f.burst, f.lut_u, NT, s32);
+                fp4u_group(codes + a * (f.K / 2) + g * 16 * runs, f.xq + g * 32 * runs, f.K, runs, burst, f.lut_u, NT, s32);
                 for (int t = 0; t < NT; t++) sums[t][a] = s32[t];
             }
             for (int t = 0; t < NT; t++) {
@@ -773,8 +778,16 @@ QRZ_AVX2_INLINE void fp4_rows8(const qrz_weight *w, const qrz_acts *x, int64_t i
 QRZ_AVX2_INLINE void fp4_rows_any(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
                                   float *y, int64_t ldy, const int NT, const int RPG) {
     int64_t r = r0;
-    for (; r + 8 <= r1; r += 8) fp4_rows8(w, x, i, r, y, ldy, NT, RPG);
-    if (r < r1) fp4_rows(w, x, i, r, r1, y, ldy, NT, RPG);
+    /* a group whose runs all fit one int16 burst (E2M1 and E1M2 up to 128 columns) takes a copy of the kernels
+     * with the run count known at compile time: with it at run time, groups of 64 kept their sums on the stack
+     * and ran 2.5-4x slower than groups of 32 */
+    if (RPG > 0 && RPG <= fp4_burst(((const uint8_t *)w->data)[0])) {
+        for (; r + 8 <= r1; r += 8) fp4_rows8(w, x, i, r, y, ldy, NT, RPG, 1);
+        if (r < r1) fp4_rows(w, x, i, r, r1, y, ldy, NT, RPG, 1);
+    } else {
+        for (; r + 8 <= r1; r += 8) fp4_rows8(w, x, i, r, y, ldy, NT, RPG, 0);
+        if (r < r1) fp4_rows(w, x, i, r, r1, y, ldy, NT, RPG, 0);
+    }
 }
 
 QRZ_AVX2 static void fp4_matmul_avx2(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,

@@ -268,7 +268,9 @@ struct qrz_context {
     qrz_kv_ops kv_ops;                            /* its row functions for ctx->isa */
     /* scratch for one batch of up to n_batch tokens */
     float *rope_cos, *rope_sin;                   /* [2][n_batch][head_dim/2]: global, then sliding-layer angles */
-    float *x, *xb, *q, *k, *v, *att, *hb, *hb2;   /* [n_batch][n_embd | n_heads*hd | n_kv*hd | n_ff] */
+    float *x, *xb, *q, *k, *v, *att, *hb;         /* [n_batch][n_embd | n_heads*hd | n_kv*hd | n_ff] */
+    float *gate_tiles;                            /* [n_threads][2][QRZ_ACTS_TILE_MAX][QRZ_ROW_BLOCK]: a block of
+                                                   * gate and up outputs before they are combined into hb */
     float *scores;                                /* [n_threads][n_ctx + head_dim] attention weights, then a
                                                    * head_dim part sum where the KV ring wraps */
     int act_bits;                                 /* 8 or 4: which activation path quantized matmuls take */
@@ -276,6 +278,10 @@ struct qrz_context {
     float *act_d;                                 /* [n_batch][max cols / min group + 1] their scales */
     uint8_t *act_e;                               /* [n_batch][max cols / min group + 1] SDR shifts */
     int32_t *act_sums;                            /* [n_batch][max cols / min group + 1] group sums of act_q */
+    int8_t *up_q;                                 /* [n_batch][n_embd] the up projection's input, quantized apart */
+    float *up_d;                                  /* from the gate's (a format's activation form may depend on */
+    uint8_t *up_e;                                /* the tensor: SQ's hot channels) because both run in one */
+    int32_t *up_sums;                             /* pass; [n_batch][n_embd / min group + 1] for the rest */
     float *logits;                                /* [LOGIT_ROWS][n_vocab] */
     /* the sequence held in the KV cache */
     int32_t *tokens;                              /* [n_ctx] */
@@ -284,6 +290,9 @@ struct qrz_context {
 };
 
 #define QRZ_LOGIT_ROWS 32
+/* matmul tiles: weight rows per block, and the most activation rows one kernel call takes */
+#define QRZ_ROW_BLOCK 16
+#define QRZ_ACTS_TILE_MAX 128
 /* runs tokens[0..n) at positions n_past.. and leaves their final-norm hidden states in ctx->xb ([n][n_embd]);
  * n <= n_batch */
 int qrz_forward(qrz_context *ctx, const int32_t *tokens, int32_t n);

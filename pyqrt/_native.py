@@ -5,6 +5,7 @@ Python error instead of memory read as the wrong type.
 """
 import logging
 import struct
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -104,13 +105,39 @@ def _decode_kv(kv):
     return np.frombuffer(raw, dtype=np.dtype(fmt)).tolist()
 
 
+class Metadata(Mapping):
+    """A .qrz's key/values, decoded from the mapped file each time one is read and not kept: the tokenizer's
+    arrays (hundreds of thousands of pieces and merges) would otherwise sit in memory as Python objects, about
+    20 MB for a 150k vocabulary, for as long as the model is loaded, even when only token ids are used."""
+
+    def __init__(self, model):
+        self._model = model      # the native handle; the values point into its mapping
+        view = ffi.new("qrz_kv_view *")
+        self._index = {}
+        for i in range(lib.qrz_model_n_kv(model)):
+            lib.qrz_model_kv(model, i, view)
+            self._index[ffi.unpack(view.key, view.key_len).decode("utf-8", "replace")] = i
+
+    def __getitem__(self, key):
+        view = ffi.new("qrz_kv_view *")
+        lib.qrz_model_kv(self._model, self._index[key], view)
+        return _decode_kv(view)
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self):
+        return len(self._index)
+
+    def __contains__(self, key):
+        return key in self._index
+
+    def __repr__(self):
+        return f"<pyqrt metadata, {len(self)} keys>"
+
+
 def model_metadata(model):
-    view = ffi.new("qrz_kv_view *")
-    meta = {}
-    for i in range(lib.qrz_model_n_kv(model)):
-        lib.qrz_model_kv(model, i, view)
-        meta[ffi.unpack(view.key, view.key_len).decode("utf-8", "replace")] = _decode_kv(view)
-    return meta
+    return Metadata(model)
 
 
 TENSOR_TYPE_NAMES = {lib.QRZ_TYPE_F32: "f32", lib.QRZ_TYPE_F16: "f16", lib.QRZ_TYPE_Q8: "q8", lib.QRZ_TYPE_SDR: "sdr",

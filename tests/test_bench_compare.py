@@ -84,6 +84,16 @@ def test_pyqrt_labels():
     assert compare.pyqrt_label("sq", None) == "sq W4A8"      # the 4-bit formats' default activations are 8-bit
     assert compare.pyqrt_label("q8", None) == "q8 W8A8"
     assert compare.pyqrt_label("f16", None) == "f16"
+    assert compare.pyqrt_label("fp4", "8bit", 64) == "fp4@64 W4A8"      # a group other than Q4_0's is named
+    assert compare.pyqrt_label("sdr", "4bit", 32) == "sdr W4A4"
+
+
+def test_format_group_suffix():
+    assert compare.split_group("fp4@64") == ("fp4", 64)
+    assert compare.split_group("sdr") == ("sdr", compare.DEFAULT_GROUP)
+    for bad in ("fp4@", "fp4@x", "fp4@0", "fp4@-2"):
+        with pytest.raises(ValueError):
+            compare.split_group(bad)
 
 
 def test_schedule_runs_every_entry_once_per_round_and_rotates_the_start():
@@ -104,7 +114,9 @@ def test_quick_sets_small_defaults_that_explicit_options_override():
     assert mixed.model == ["smollm2", "qwen25"]
     full = compare.parse_args([])
     assert (full.runs, full.pp, full.tg, full.bandwidth_mib) == (5, 512, 128, 1024)
-    for bad in (["--model", "nope"], ["--format", "q5"], ["--runs", "0"], ["--pp", "8"]):
+    assert compare.parse_args(["--format", "fp4@64:8bit"]).format == ["fp4@64:8bit"]
+    for bad in (["--model", "nope"], ["--format", "q5"], ["--format", "fp4@x"], ["--format", "q5@64"], ["--runs", "0"],
+                ["--pp", "8"]):
         with pytest.raises(SystemExit):
             compare.parse_args(bad)
 

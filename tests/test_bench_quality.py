@@ -219,3 +219,41 @@ def test_speed_bench_reads_act_suffixes():
     assert speed.split_act("m.qrz") == ("m.qrz", None)
     assert speed.split_act("sdr@16:4bit") == ("sdr@16", "4bit")
     assert speed.split_act("dir:with:colons/m.qrz") == ("dir:with:colons/m.qrz", None)
+
+
+# ---- bench/paired.py ----
+
+def test_paired_split_spec():
+    from bench import paired
+    assert paired.split_spec("m.qrz:4bit") == ("m.qrz", "4bit")
+    assert paired.split_spec("dir:x/m.qrz") == ("dir:x/m.qrz", None)
+    assert paired.split_spec("m.qrz") == ("m.qrz", None)
+
+
+def test_paired_difference_and_its_block_standard_error():
+    from bench import paired
+    rng = np.random.default_rng(3)
+    b = rng.exponential(3.0, 4096)
+    # a constant shift: the mean is the shift and every block agrees, so no error
+    m, se = paired.paired(b + 0.25, b, 512)
+    assert abs(m - 0.25) < 1e-12 and se < 1e-12
+    # block means known by construction: the standard error is their sample std / sqrt(blocks)
+    shifts = np.repeat(np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]), 512)
+    m, se = paired.paired(b + shifts, b, 512)
+    assert abs(m - 0.35) < 1e-12
+    assert abs(se - np.std(np.arange(8) / 10, ddof=1) / math.sqrt(8)) < 1e-12
+    # a tail shorter than a block counts in the mean, not in the blocks
+    m, _ = paired.paired(np.r_[b, [1.0] * 10] + 0.0, np.r_[b, [0.0] * 10], 512)
+    assert abs(m - 10 / 4106) < 1e-12
+    with pytest.raises(ValueError):
+        paired.paired(b[:600], b[:600], 512)
+
+
+def test_paired_kl_rows_against_a_direct_sum():
+    from bench import paired
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((3, 50)) * 4, rng.standard_normal((3, 50)) * 4
+    p, q = np.exp(a) / np.exp(a).sum(1, keepdims=True), np.exp(b) / np.exp(b).sum(1, keepdims=True)
+    np.testing.assert_allclose(paired.kl_rows(a, b), (p * np.log(p / q)).sum(1), rtol=1e-10)
+    np.testing.assert_allclose(paired.kl_rows(a, a + 3.0), 0.0, atol=1e-12)   # a shift of the logits is no change
+    assert np.all(paired.kl_rows(a, b) > 0)

@@ -69,6 +69,17 @@ def test_metadata_and_tensors(tiny_hf, tmp_path):
     assert types["model.norm.weight"] == ("f32", 0) and types["lm_head.weight"] == ("q8", 16)
     assert all(t["offset"] % 64 == 0 for t in f.tensors)
     assert os.path.getsize(path) == f.file_size
+    # a read-only mapping decoded on access: the same values each time, nothing kept, every key iterated once
+    keys = list(m)
+    assert len(keys) == len(m) == len(set(keys)) and "quant.format" in m and "no.such.key" not in m
+    assert m["tokenizer.eog_ids"] == m["tokenizer.eog_ids"] and m.get("no.such.key", 7) == 7
+    assert dict(m.items()) == {k: m[k] for k in keys}
+    with pytest.raises(KeyError):
+        m["no.such.key"]
+    with pytest.raises(TypeError):
+        m["quant.format"] = "sdr"
+    del f
+    assert m["quant.format"] == "q8"      # the mapping keeps the file open for as long as it lives
 
 
 def test_token_bytes_reproduce_decoding(tiny_hf, tmp_path):

@@ -1,0 +1,151 @@
+"""Perplexity differences with their noise: several .qrz files scored on the same wiki tokens, each against a
+reference file, token by token.
+
+    python -m bench.paired REF.qrz A.qrz[:ACT] B.qrz[:ACT] ... [--tokens 32768] [--window 512] [--pair A B]
+
+Every file scores the first --tokens wiki tokens (bench.quality's text and tokenization) in windows of --window,
+as Model.perplexity does, keeping each token's negative log-likelihood. Two files' difference is then the mean of
+the per-token NLL differences, paired on the same tokens, with its standard error over blocks of --window tokens
+(neighbouring tokens are correlated, so single tokens would understate it). A difference of less than about twice
+its standard error is not one this text can show. --pair A B adds a row for that difference too (A and B as
+given among the files, ACT included). NLLs are cached per file, ACT and token count in --cache, so adding a
+file costs only that file.
+
+--kld N adds each file's KL divergence from the reference's next-token distribution, KL(ref || file) in nats,
+averaged over the predictions of the first N tokens (the same windows; full vocabulary, float64), with its
+standard error over windows. It needs every file loaded at once and a window's logits of each, so N is kept
+small (4096 takes a few minutes for Gemma-3-270M). Unlike perplexity it is never below zero and does not
+depend on which token the text happens to hold next.
+"""
+import argparse
+import hashlib
+import os
+import sys
+import time
+
+import numpy as np
+
+DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "paired-nll")
+
+
+def split_spec(spec):
+    """'m.qrz:4bit' -> ('m.qrz', '4bit'); 'm.qrz' -> ('m.qrz', None)"""
+    path, sep, act = spec.rpartition(":")
+    if sep and act in ("8bit", "4bit"):
+        return path, act
+    return spec, None
+
+
+def token_nll(spec, n_tokens, window, threads, cache):
+    """per-token NLL (float64) of the file's first n_tokens wiki tokens in windows of `window`, cached"""
+    import pyqrt
+    from bench.quality import wiki_ids
+    path, act = split_spec(spec)
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{act}|{n_tokens}|{window}".encode())
+    dst = os.path.join(cache, key.hexdigest()[:16] + ".npy")
+    if os.path.exists(dst):
+        return np.load(dst)
+    t0 = time.perf_counter()
+    model = pyqrt.load(path, threads=threads, **({"act": act} if act else {}))
+    ids = wiki_ids(model, n_tokens)
+    nll = np.concatenate([model.score(ids[s:s + window]) for s in range(0, len(ids), window)
+                          if len(ids[s:s + window]) >= 2])
+    os.makedirs(cache, exist_ok=True)
+    np.save(dst, nll)
+    print(f"{spec}: {len(nll)} tokens in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return nll
+
+
+def paired(a, b, block):
+    """mean of a - b and its standard error over blocks of `block` tokens"""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    n = len(d) // block
+    if n < 2:
+        raise ValueError(f"need at least two blocks of {block} tokens, got {len(d)} tokens")
+    means = d[:n * block].reshape(n, block).mean(axis=1)
+    return float(d.mean()), float(means.std(ddof=1) / np.sqrt(n))
+
+
+def log_softmax64(logits):
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def kl_rows(ref_logits, logits):
+    """KL(softmax(ref) || softmax(logits)) per row, float64"""
+    lr, lq = log_softmax64(ref_logits), log_softmax64(logits)
+    return (np.exp(lr) * (lr - lq)).sum(axis=1)
+
+
+def window_kld(specs, ref_spec, n_tokens, window, threads):
+    """{spec: per-window mean KL(ref || spec)} over the first n_tokens wiki tokens"""
+    import pyqrt
+    from bench.quality import wiki_ids
+
+    def load(spec):
+        path, act = split_spec(spec)
+        return pyqrt.load(path, threads=threads, ctx=window, **({"act": act} if act else {}))
+    ref = load(ref_spec)
+    models = {s: load(s) for s in specs}
+    ids = wiki_ids(ref, n_tokens)
+    out = {s: [] for s in specs}
+    for start in range(0, len(ids), window):
+        chunk = ids[start:start + window]
+        if len(chunk) < 2:
+            break
+        ref_logits = ref.logits(chunk)[:-1]   # the predictions perplexity scores: every position but the last
+        for s, m in models.items():
+            out[s].append(float(kl_rows(ref_logits, m.logits(chunk)[:-1]).mean()))
+    return {s: np.array(v) for s, v in out.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("ref", help="the reference .qrz (usually f16)")
+    p.add_argument("files", nargs="+", help="FILE.qrz[:8bit|:4bit]")
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="two of the files, for their own difference")
+    p.add_argument("--cache", default=DEFAULT_CACHE)
+    p.add_argument("--kld", type=int, default=0, metavar="N",
+                   help="also KL(reference || file) over the first N tokens (full logits: keep N small)")
+    args = p.parse_args(argv)
+    if args.tokens < 2 * args.window or args.window < 2:
+        p.error("--tokens must be at least two windows, --window at least 2")
+    specs = [args.ref] + args.files
+    for spec in specs:
+        if not os.path.exists(split_spec(spec)[0]):
+            p.error(f"no such file: {split_spec(spec)[0]}")
+    for a, b in args.pair:
+        if a not in args.files or b not in args.files:
+            p.error(f"--pair {a} {b}: both must be among the files, spelled as there")
+    nll = {s: token_nll(s, args.tokens, args.window, args.threads, args.cache) for s in specs}
+    ref = nll[args.ref]
+    print(f"wiki, first {args.tokens} tokens in windows of {args.window} ({len(ref)} scored); "
+          f"Δ = mean NLL difference per token ± its standard error over blocks of {args.window}")
+    print("| file | ppl | Δ vs reference |")
+    print("|---|---:|---:|")
+    print(f"| {args.ref} | {np.exp(ref.mean()):.3f} | |")
+    for s in args.files:
+        m, se = paired(nll[s], ref, args.window)
+        print(f"| {s} | {np.exp(nll[s].mean()):.3f} | {m:+.4f} ± {se:.4f} |")
+    for a, b in args.pair:
+        m, se = paired(nll[a], nll[b], args.window)
+        print(f"| {a} − {b} | | {m:+.4f} ± {se:.4f} |")
+    if args.kld:
+        kld = window_kld(args.files, args.ref, args.kld, args.window, args.threads)
+        print(f"\nKL(reference || file), nats per prediction, first {args.kld} tokens, ± standard error over windows")
+        print("| file | KL |")
+        print("|---|---:|")
+        for s in args.files:
+            v = kld[s]
+            se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+            print(f"| {s} | {v.mean():.4f} ± {se:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,8 +5,9 @@ reference file, token by token.
 
 Every file scores the first --tokens wiki tokens (bench.quality's text and tokenization) in windows of --window,
 as Model.perplexity does, keeping each token's negative log-likelihood. Two files' difference is then the mean of
-the per-token NLL differences, paired on the same tokens, with its standard error over blocks of --window tokens
-(neighbouring tokens are correlated, so single tokens would understate it). A difference of less than about twice
+the per-token NLL differences, paired on the same tokens, with its standard error over the windows (each window's
+--window - 1 scored tokens are one block: neighbouring tokens are correlated, so single tokens would understate
+it). A difference of less than about twice
 its standard error is not one this text can show. --pair A B adds a row for that difference too (A and B as
 given among the files, ACT included). NLLs are cached per file, ACT and token count in --cache, so adding a
 file costs only that file.
@@ -126,15 +127,15 @@ def main(argv=None):
     nll = {s: token_nll(s, args.tokens, args.window, args.threads, args.cache) for s in specs}
     ref = nll[args.ref]
     print(f"wiki, first {args.tokens} tokens in windows of {args.window} ({len(ref)} scored); "
-          f"Δ = mean NLL difference per token ± its standard error over blocks of {args.window}")
+          f"Δ = mean NLL difference per token ± its standard error over the windows")
     print("| file | ppl | Δ vs reference |")
     print("|---|---:|---:|")
     print(f"| {args.ref} | {np.exp(ref.mean()):.3f} | |")
     for s in args.files:
-        m, se = paired(nll[s], ref, args.window)
+        m, se = paired(nll[s], ref, args.window - 1)
         print(f"| {s} | {np.exp(nll[s].mean()):.3f} | {m:+.4f} ± {se:.4f} |")
     for a, b in args.pair:
-        m, se = paired(nll[a], nll[b], args.window)
+        m, se = paired(nll[a], nll[b], args.window - 1)
         print(f"| {a} − {b} | | {m:+.4f} ± {se:.4f} |")
     if args.kld:
         kld = window_kld(args.files, args.ref, args.kld, args.window, args.threads)

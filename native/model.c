@@ -250,6 +250,7 @@ void qrz_context_free(qrz_context *c) {
     free(c->inv_freq); free(c->inv_freq_local);
     free(c->rope_cos); free(c->rope_sin);
     free(c->x); free(c->xb); free(c->q); free(c->k); free(c->v); free(c->att); free(c->hb); free(c->gate_tiles);
+    free((void *)c->chunks_taken);
     free(c->scores); free(c->act_q); free(c->act_d); free(c->act_e); free(c->act_sums);
     free(c->up_q); free(c->up_d); free(c->up_e); free(c->up_sums); free(c->logits); free(c->tokens);
     free(c);
@@ -322,6 +323,7 @@ int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context *
     c->v = malloc(B * KV * sizeof(float));
     c->att = malloc(B * Q * sizeof(float));
     c->hb = malloc(B * F * sizeof(float));
+    c->chunks_taken = calloc((size_t)qrz_pool_size(c->pool), sizeof *c->chunks_taken);
     c->gate_tiles = malloc((size_t)qrz_pool_size(c->pool) * 2 * QRZ_ACTS_TILE_MAX * QRZ_ROW_BLOCK * sizeof(float));
     c->scores = malloc((size_t)qrz_pool_size(c->pool) * (c->n_ctx + c->head_dim) * sizeof(float));
     c->act_q = malloc(B * max_cols);
@@ -335,7 +337,7 @@ int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context *
     c->logits = malloc((size_t)QRZ_LOGIT_ROWS * c->n_vocab * sizeof(float));
     c->tokens = malloc((size_t)c->n_ctx * sizeof(int32_t));
     if (rc || !c->pool || !c->rope_cos || !c->rope_sin || !c->x || !c->xb || !c->q || !c->k || !c->v || !c->att ||
-        !c->hb || !c->gate_tiles || !c->scores || !c->act_q || !c->act_d || !c->act_e || !c->act_sums || !c->up_q ||
+        !c->hb || !c->gate_tiles || !c->chunks_taken || !c->scores || !c->act_q || !c->act_d || !c->act_e || !c->act_sums || !c->up_q ||
         !c->up_d || !c->up_e || !c->up_sums || !c->logits || !c->tokens) {
         qrz_set_error(err, cap, "out of memory allocating a context of %d tokens; pass a smaller ctx", c->n_ctx);
         rc = QRZ_ERR_MEMORY;
@@ -362,6 +364,45 @@ void qrz_context_set_matmul_hook(qrz_context *c, qrz_matmul_hook fn, void *user)
 }
 
 /* ---- matmul on the thread pool ---- */
+/* Rows are handed out in chunks, not split in fixed halves: on a shared machine one core is often slowed for a
+ * while (another process, an interrupt), and with a fixed split the other thread then waits at the end of every
+ * matmul (the profile of a 512-token prompt had the two threads spinning 13% and 9% of their time). Each thread
+ * owns eight consecutive chunks and takes them in order, so its reads stay one forward stream (decoding is a read
+ * of the weights, and the hardware prefetcher follows a stream); a thread that has finished its own takes what is
+ * left of the others'. Chunks are multiples of 16 rows, so two threads never write one cache line of y and the
+ * AVX-512 kernels' 16-row blocks stay whole. Which thread computes a row does not change its value. */
+#define CHUNKS_PER_THREAD 8
+typedef struct {
+    atomic_int *taken;   /* [nth] chunks taken so far from each thread's eight (qrz_context.chunks_taken) */
+    int nth;
+    int64_t rows, size;  /* rows in all, rows per chunk */
+} row_chunks;
+
+static row_chunks row_chunks_start(qrz_context *c, int64_t rows) {
+    const int nth = qrz_pool_size(c->pool);
+    int64_t size = (rows + CHUNKS_PER_THREAD * nth - 1) / (CHUNKS_PER_THREAD * nth);
+    size = (size + QRZ_ROW_BLOCK - 1) / QRZ_ROW_BLOCK * QRZ_ROW_BLOCK;
+    /* relaxed stores: qrz_pool_run publishes them to the workers with its release of the new task */
+    for (int t = 0; t < nth; t++) atomic_store_explicit(&c->chunks_taken[t], 0, memory_order_relaxed);
+    return (row_chunks){c->chunks_taken, nth, rows, size};
+}
+
+/* thread ith's next chunk, rows [*r0, *r1): its own first, then the others'; false when none is left */
+static bool row_chunks_take(const row_chunks *rc, int ith, int64_t *r0, int64_t *r1) {
+    for (int k = 0; k < rc->nth; k++) {
+        const int owner = (ith + k) % rc->nth;
+        int j;
+        while ((j = atomic_fetch_add_explicit(&rc->taken[owner], 1, memory_order_relaxed)) < CHUNKS_PER_THREAD) {
+            const int64_t start = ((int64_t)owner * CHUNKS_PER_THREAD + j) * rc->size;
+            if (start >= rc->rows) break;       /* the rows ran out before this owner's chunks did */
+            *r0 = start;
+            *r1 = start + rc->size < rc->rows ? start + rc->size : rc->rows;
+            return true;
+        }
+    }
+    return false;
+}
+
 typedef struct {
     const qrz_weight *w;
     qrz_acts acts;
@@ -369,24 +410,23 @@ typedef struct {
     int64_t ldy;
     qrz_matmul_fn fn;
     int64_t acts_tile;   /* activation rows per kernel call */
+    const row_chunks *chunks;
 } matmul_job;
 
 static void matmul_task(void *arg, int ith, int nth) {
     const matmul_job *job = arg;
-    /* split rows in chunks of 8 so neighbouring threads never write the same cache line of y */
-    const int64_t blocks = (job->w->rows + 7) / 8;
-    const int64_t r0 = blocks * ith / nth * 8, r1 = blocks * (ith + 1) / nth * 8;
-    const int64_t end = r1 < job->w->rows ? r1 : job->w->rows;
     /* cache blocking for prompts: a block of weight rows stays in L1/L2 while a block of activation rows
      * streams past it, instead of every weight row meeting the whole batch */
     const int64_t ROWS = QRZ_ROW_BLOCK, ACTS = job->acts_tile, n = job->acts.n;
-    for (int64_t rb = r0; rb < end; rb += ROWS) {
-        const int64_t re = rb + ROWS < end ? rb + ROWS : end;
-        for (int64_t ib = 0; ib < n; ib += ACTS) {
-            const qrz_acts sub = qrz_acts_rows(&job->acts, ib, n - ib < ACTS ? n - ib : ACTS);
-            job->fn(job->w, &sub, rb, re, job->y + ib * job->ldy, job->ldy);
+    int64_t r0, end;
+    while (row_chunks_take(job->chunks, ith, &r0, &end))
+        for (int64_t rb = r0; rb < end; rb += ROWS) {
+            const int64_t re = rb + ROWS < end ? rb + ROWS : end;
+            for (int64_t ib = 0; ib < n; ib += ACTS) {
+                const qrz_acts sub = qrz_acts_rows(&job->acts, ib, n - ib < ACTS ? n - ib : ACTS);
+                job->fn(job->w, &sub, rb, re, job->y + ib * job->ldy, job->ldy);
+            }
         }
-    }
 }
 
 /* activation rows per kernel call: AVX-512's column kernels repack each weight group once per call, so more rows
@@ -399,7 +439,7 @@ static matmul_job matmul_prepare(qrz_context *c, const qrz_weight *w, const floa
     if (c->matmul_hook) c->matmul_hook(c->matmul_hook_user, w->tensor, x, n, w->cols);
     const int path = qrz_act_path(w->type, c->act_bits);
     matmul_job job = {w, {n, w->cols, x, qrz_acts_kind_for(w, path), q, d, e, w->group, w->data, sums},
-                      NULL, w->rows, qrz_matmul_for(w->type, path, c->isa), acts_tile(c)};
+                      NULL, w->rows, qrz_matmul_for(w->type, path, c->isa), acts_tile(c), NULL};
     qrz_quantize_acts_isa(&job.acts, c->isa);
     return job;
 }
@@ -407,7 +447,9 @@ static matmul_job matmul_prepare(qrz_context *c, const qrz_weight *w, const floa
 /* y[n][w->rows] = x[n][w->cols] W^T */
 static void matmul(qrz_context *c, const qrz_weight *w, const float *x, int64_t n, float *y) {
     matmul_job job = matmul_prepare(c, w, x, n, c->act_q, c->act_d, c->act_e, c->act_sums);
+    const row_chunks chunks = row_chunks_start(c, w->rows);
     job.y = y;
+    job.chunks = &chunks;
     qrz_pool_run(c->pool, matmul_task, &job);
 }
 
@@ -418,10 +460,6 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, floa
     for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
     const float scale = 1.0f / sqrtf((float)(ss / n) + eps);
     for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * scale);
-}
-
-static float gelu_tanh(float x) {
-    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
 /* RoPE angles of the batch's positions, angle = pos * inv_freq in float32 as transformers computes them, for the
@@ -493,9 +531,9 @@ static void attention_task(void *arg, int ith, int nth) {
 
 /* The MLP's first half in one pass: hb = act(x W_gate^T) * (x W_up^T). Each thread takes a block of rows of
  * both matrices and a tile of activation rows at a time, into its own small gate_tiles, and writes the combined
- * values into hb; so no n_batch x n_ff buffer for the up projection (10 MB at 512 tokens of Qwen2.5-0.5B), and
- * the exp or tanh per value runs on both threads while the block is in cache. Each value is the expression the
- * separate passes computed, so the results are the same bit for bit. */
+ * values into hb (qrz_gate: the ISA's vector SiLU or GELU); so no n_batch x n_ff buffer for the up projection
+ * (10 MB at 512 tokens of Qwen2.5-0.5B), no separate pass over the hidden values, and the exp or tanh per value
+ * runs on every thread while the block is in cache. */
 typedef struct {
     qrz_context *c;
     matmul_job gate, up;
@@ -508,41 +546,36 @@ static float *tile_base(float *tile, int64_t r0) { return (float *)((uintptr_t)t
 static void gated_task(void *arg, int ith, int nth) {
     const gated_job *job = arg;
     qrz_context *c = job->c;
-    const int64_t rows = job->gate.w->rows, n = job->gate.acts.n, F = c->n_ff, ACTS = job->gate.acts_tile;
-    const int64_t blocks = (rows + 7) / 8;
-    const int64_t r0 = blocks * ith / nth * 8, r1 = blocks * (ith + 1) / nth * 8;
-    const int64_t end = r1 < rows ? r1 : rows;
+    const int64_t n = job->gate.acts.n, F = c->n_ff, ACTS = job->gate.acts_tile;
     /* weight rows per step: 16 for a full tile of activation rows (the block stays in cache while the tile
-     * streams past), more for fewer activation rows, up to 2048 for one: decoding is a read of both matrices, and
-     * switching between them every 16 rows (7 KB) kept restarting the hardware prefetcher's streams (fp4
-     * generation measured 24 against 38 tokens/s on one thread) */
+     * streams past), more for fewer activation rows, up to a whole chunk for one: decoding is a read of both
+     * matrices, and switching between them every 16 rows (7 KB) kept restarting the hardware prefetcher's streams
+     * (fp4 generation measured 24 against 38 tokens/s on one thread) */
     const int64_t m_full = n < ACTS ? n : ACTS, R = QRZ_ROW_BLOCK * (QRZ_ACTS_TILE_MAX / m_full);
     float *g_tile = c->gate_tiles + (size_t)ith * 2 * QRZ_ACTS_TILE_MAX * QRZ_ROW_BLOCK;
     float *u_tile = g_tile + QRZ_ACTS_TILE_MAX * QRZ_ROW_BLOCK;
-    const bool gelu = c->act == QRZ_ACT_GELU_TANH;
-    for (int64_t rb = r0; rb < end; rb += R) {
-        const int64_t re = rb + R < end ? rb + R : end;
-        for (int64_t ib = 0; ib < n; ib += ACTS) {
-            const int64_t m = n - ib < ACTS ? n - ib : ACTS;
-            const qrz_acts gx = qrz_acts_rows(&job->gate.acts, ib, m), ux = qrz_acts_rows(&job->up.acts, ib, m);
-            job->gate.fn(job->gate.w, &gx, rb, re, tile_base(g_tile, rb), R);
-            job->up.fn(job->up.w, &ux, rb, re, tile_base(u_tile, rb), R);
-            for (int64_t i = 0; i < m; i++) {
-                const float *g = g_tile + i * R, *u = u_tile + i * R;
-                float *h = c->hb + (size_t)(ib + i) * F + rb;
-                if (gelu) {
-                    for (int64_t j = 0; j < re - rb; j++) h[j] = gelu_tanh(g[j]) * u[j];
-                } else {
-                    for (int64_t j = 0; j < re - rb; j++) h[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-                }
+    const int gelu = c->act == QRZ_ACT_GELU_TANH;
+    int64_t r0, end;
+    while (row_chunks_take(job->gate.chunks, ith, &r0, &end))
+        for (int64_t rb = r0; rb < end; rb += R) {
+            const int64_t re = rb + R < end ? rb + R : end;
+            for (int64_t ib = 0; ib < n; ib += ACTS) {
+                const int64_t m = n - ib < ACTS ? n - ib : ACTS;
+                const qrz_acts gx = qrz_acts_rows(&job->gate.acts, ib, m), ux = qrz_acts_rows(&job->up.acts, ib, m);
+                job->gate.fn(job->gate.w, &gx, rb, re, tile_base(g_tile, rb), R);
+                job->up.fn(job->up.w, &ux, rb, re, tile_base(u_tile, rb), R);
+                for (int64_t i = 0; i < m; i++)
+                    qrz_gate(c->isa, c->hb + (size_t)(ib + i) * F + rb, g_tile + i * R, u_tile + i * R, (int)(re - rb),
+                             gelu);
             }
         }
-    }
 }
 
 static void gated_up(qrz_context *c, const qrz_layer *L, const float *x, int64_t n) {
     gated_job job = {c, matmul_prepare(c, &L->w_gate, x, n, c->act_q, c->act_d, c->act_e, c->act_sums),
                      matmul_prepare(c, &L->w_up, x, n, c->up_q, c->up_d, c->up_e, c->up_sums)};
+    const row_chunks chunks = row_chunks_start(c, L->w_gate.rows);
+    job.gate.chunks = &chunks;
     qrz_pool_run(c->pool, gated_task, &job);
 }
 

@@ -197,6 +197,8 @@ int qrz_kernel_kv_rows(int isa, int kv_type, int32_t head_dim, const float *x, i
                        const float *a, uint8_t *raw, float *rows_out, float *dots, float *axpy_out);
 /* attention's softmax with one ISA's kernel, in place: x[t] = exp(scale x[t] - m) / sum, m the largest scale x[t] */
 int qrz_kernel_softmax(int isa, float *x, int32_t n, float scale);
+/* the MLP's gate with one ISA's kernel: h[j] = act(g[j]) * u[j], act SiLU (gelu = 0) or GELU, tanh form (1) */
+int qrz_kernel_gate(int isa, float *h, const float *g, const float *u, int32_t n, int32_t gelu);
 
 #ifdef __cplusplus
 }

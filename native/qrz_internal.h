@@ -3,6 +3,7 @@
 #define QRZ_INTERNAL_H
 #include "qrz.h"
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 
 #define QRZ_MAGIC "QRZF"
@@ -175,8 +176,11 @@ typedef struct {
     void (*axpy)(float *y, float a, const float *x, int n);     /* y += a * x */
     /* NULL, or in place: x[t] = exp(scale x[t] - m) / sum, m = max scale x[t] (attention's weights) */
     void (*softmax)(float *x, int n, float scale);
+    /* NULL, or the MLP's gate: h[j] = act(g[j]) * u[j], act SiLU or (gelu) GELU with the tanh approximation */
+    void (*gate)(float *h, const float *g, const float *u, int n, int gelu);
 } qrz_vec_ops;
 void qrz_softmax(int isa, float *x, int n, float scale);   /* the ISA's softmax, else the scalar one */
+void qrz_gate(int isa, float *h, const float *g, const float *u, int n, int gelu);   /* likewise */
 extern qrz_vec_ops qrz_vec[QRZ_ISA_COUNT];
 
 /* KV cache rows (kvcache.c, docs/QUANTIZATION.md): one cached k or v vector of head_dim values per (slot, kv head),
@@ -271,6 +275,7 @@ struct qrz_context {
     float *x, *xb, *q, *k, *v, *att, *hb;         /* [n_batch][n_embd | n_heads*hd | n_kv*hd | n_ff] */
     float *gate_tiles;                            /* [n_threads][2][QRZ_ACTS_TILE_MAX][QRZ_ROW_BLOCK]: a block of
                                                    * gate and up outputs before they are combined into hb */
+    atomic_int *chunks_taken;                     /* [n_threads] a matmul's row chunks taken from each thread's */
     float *scores;                                /* [n_threads][n_ctx + head_dim] attention weights, then a
                                                    * head_dim part sum where the KV ring wraps */
     int act_bits;                                 /* 8 or 4: which activation path quantized matmuls take */

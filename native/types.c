@@ -614,6 +614,33 @@ void qrz_softmax(int isa, float *x, int n, float scale) {
     else softmax_scalar(x, n, scale);
 }
 
+/* x / (1 + e^-x) and 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as transformers defines SiLU and
+ * GELU-tanh, in float32 */
+static void gate_scalar(float *h, const float *g, const float *u, int n, int gelu) {
+    if (gelu) {
+        for (int j = 0; j < n; j++) {
+            const float x = g[j];
+            h[j] = 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x))) * u[j];
+        }
+    } else {
+        for (int j = 0; j < n; j++) h[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    }
+}
+
+void qrz_gate(int isa, float *h, const float *g, const float *u, int n, int gelu) {
+    if (isa > 0 && isa < QRZ_ISA_COUNT && qrz_vec[isa].gate) qrz_vec[isa].gate(h, g, u, n, gelu);
+    else gate_scalar(h, g, u, n, gelu);
+}
+
+int qrz_kernel_gate(int isa, float *h, const float *g, const float *u, int32_t n, int32_t gelu) {
+    if (!h || !g || !u || n <= 0 || (gelu != 0 && gelu != 1)) return QRZ_ERR_ARG;
+    if (isa == QRZ_ISA_BEST) isa = qrz_isa_default();
+    if (isa < 0 || isa >= QRZ_ISA_COUNT || !qrz_isa_supported(isa)) return QRZ_ERR_ARG;
+    qrz_types_init();
+    qrz_gate(isa, h, g, u, n, gelu);
+    return QRZ_OK;
+}
+
 int qrz_kernel_softmax(int isa, float *x, int32_t n, float scale) {
     if (!x || n <= 0 || !(scale > 0.0f) || !isfinite(scale)) return QRZ_ERR_ARG;
     if (isa == QRZ_ISA_BEST) isa = qrz_isa_default();
@@ -624,7 +651,7 @@ int qrz_kernel_softmax(int isa, float *x, int32_t n, float scale) {
 }
 
 qrz_vec_ops qrz_vec[QRZ_ISA_COUNT] = {
-    [QRZ_ISA_SCALAR] = {dot_scalar, axpy_scalar, softmax_scalar},
+    [QRZ_ISA_SCALAR] = {dot_scalar, axpy_scalar, softmax_scalar, gate_scalar},
     [QRZ_ISA_AVX2] = {dot_scalar, axpy_scalar},     /* replaced by qrz_register_avx2 where the CPU has it */
     [QRZ_ISA_NEON] = {dot_scalar, axpy_scalar},
     [QRZ_ISA_AVXVNNI] = {dot_scalar, axpy_scalar},

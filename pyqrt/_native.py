@@ -231,6 +231,19 @@ def kernel_softmax(isa, x, scale):
     return out
 
 
+def kernel_gate(isa, g, u, gelu=False):
+    """The MLP's gate with the isa's kernel: act(g) * u elementwise (1-D), act SiLU or GELU (tanh form)."""
+    g = np.ascontiguousarray(g, dtype=np.float32).reshape(-1)
+    u = np.ascontiguousarray(u, dtype=np.float32).reshape(-1)
+    if g.shape != u.shape:
+        raise ValueError(f"g and u differ in length: {g.size} and {u.size}")
+    h = np.empty_like(g)
+    status = lib.qrz_kernel_gate(ISA_NAMES.get(isa, isa) if isinstance(isa, str) else isa, as_c_array(h, np.float32),
+                                 as_c_array(g, np.float32), as_c_array(u, np.float32), g.size, 1 if gelu else 0)
+    check(status, f"kernel gate failed (isa={isa}, n={g.size}, gelu={gelu})")
+    return h
+
+
 def kernel_kv_rows(isa, kv, x, q=None, a=None):
     """Stores the rows of x (n_rows, head_dim) as KV cache rows of type kv with the isa's kernels. Returns
     (raw uint8 (n_rows, row_bytes), the rows as float32 (n_rows, head_dim), q . row (n_rows,) or None when q is

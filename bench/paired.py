@@ -9,8 +9,8 @@ the per-token NLL differences, paired on the same tokens, with its standard erro
 --window - 1 scored tokens are one block: neighbouring tokens are correlated, so single tokens would understate
 it). A difference of less than about twice
 its standard error is not one this text can show. --pair A B adds a row for that difference too (A and B as
-given among the files, ACT included). NLLs are cached per file, ACT and token count in --cache, so adding a
-file costs only that file.
+given among the files, ACT included). NLLs are cached in --cache per file, ACT, token count and build of the
+native library (a rebuilt runtime may round differently), so adding a file costs only that file.
 
 --kld N adds each file's KL divergence from the reference's next-token distribution, KL(ref || file) in nats,
 averaged over the predictions of the first N tokens (the same windows; full vocabulary, float64), with its
@@ -41,9 +41,11 @@ def token_nll(spec, n_tokens, window, threads, cache):
     """per-token NLL (float64) of the file's first n_tokens wiki tokens in windows of `window`, cached"""
     import pyqrt
     from bench.quality import wiki_ids
+    from pyqrt import _qrz
     path, act = split_spec(spec)
-    st = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{act}|{n_tokens}|{window}".encode())
+    st, lib = os.stat(path), os.stat(_qrz.__file__)
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{act}|{n_tokens}|{window}|"
+                       f"{lib.st_size}|{lib.st_mtime_ns}".encode())
     dst = os.path.join(cache, key.hexdigest()[:16] + ".npy")
     if os.path.exists(dst):
         return np.load(dst)

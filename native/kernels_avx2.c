@@ -694,7 +694,9 @@ QRZ_AVX2_INLINE void fp4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i,
             __m256i sums[4][8];
             for (int64_t j = 0; j < 8; j++) {
                 __m256i s32[4];
-                if (j < gn) fp4u_group(codes + (g0 + j) * 16 * runs, f.xq + (g0 + j) * 32 * runs, f.K, runs, burst, f.lut_u, NT, s32);
+                if (j < gn)
+                    fp4u_group(codes + (g0 + j) * 16 * runs, f.xq + (g0 + j) * 32 * runs, f.K, runs, burst, f.lut_u, NT,
+                               s32);
                 for (int t = 0; t < NT; t++) sums[t][j] = j < gn ? s32[t] : _mm256_setzero_si256();
             }
             float ds[8];
@@ -759,7 +761,8 @@ QRZ_AVX2_INLINE void fp4_rows8(const qrz_weight *w, const qrz_acts *x, int64_t i
             __m256i sums[4][8];
             for (int a = 0; a < 8; a++) {
                 __m256i s32[4];
-                fp4u_group(codes + a * (f.K / 2) + g * 16 * runs, f.xq + g * 32 * runs, f.K, runs, burst, f.lut_u, NT, s32);
+                fp4u_group(codes + a * (f.K / 2) + g * 16 * runs, f.xq + g * 32 * runs, f.K, runs, burst, f.lut_u, NT,
+                           s32);
                 for (int t = 0; t < NT; t++) sums[t][a] = s32[t];
             }
             for (int t = 0; t < NT; t++) {

@@ -337,8 +337,8 @@ int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context *
     c->logits = malloc((size_t)QRZ_LOGIT_ROWS * c->n_vocab * sizeof(float));
     c->tokens = malloc((size_t)c->n_ctx * sizeof(int32_t));
     if (rc || !c->pool || !c->rope_cos || !c->rope_sin || !c->x || !c->xb || !c->q || !c->k || !c->v || !c->att ||
-        !c->hb || !c->gate_tiles || !c->chunks_taken || !c->scores || !c->act_q || !c->act_d || !c->act_e || !c->act_sums || !c->up_q ||
-        !c->up_d || !c->up_e || !c->up_sums || !c->logits || !c->tokens) {
+        !c->hb || !c->gate_tiles || !c->chunks_taken || !c->scores || !c->act_q || !c->act_d || !c->act_e ||
+        !c->act_sums || !c->up_q || !c->up_d || !c->up_e || !c->up_sums || !c->logits || !c->tokens) {
         qrz_set_error(err, cap, "out of memory allocating a context of %d tokens; pass a smaller ctx", c->n_ctx);
         rc = QRZ_ERR_MEMORY;
         goto fail;

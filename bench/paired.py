@@ -70,22 +70,17 @@ def paired(a, b, block):
     return float(d.mean()), float(means.std(ddof=1) / np.sqrt(n))
 
 
-def log_softmax64(logits):
-    x = np.asarray(logits, np.float64)
-    x = x - x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-
-
-def kl_rows(ref_logits, logits):
-    """KL(softmax(ref) || softmax(logits)) per row, float64"""
-    lr, lq = log_softmax64(ref_logits), log_softmax64(logits)
-    return (np.exp(lr) * (lr - lq)).sum(axis=1)
+def kl_rows(ref_logp, logits):
+    """KL(ref || softmax(logits)) per row, float64; ref_logp the reference's log-softmax (computed once per window
+    for all files)"""
+    from bench.quality import log_softmax64
+    return (np.exp(ref_logp) * (ref_logp - log_softmax64(logits))).sum(axis=1)
 
 
 def window_kld(specs, ref_spec, n_tokens, window, threads):
     """{spec: per-window mean KL(ref || spec)} over the first n_tokens wiki tokens"""
     import pyqrt
-    from bench.quality import wiki_ids
+    from bench.quality import log_softmax64, wiki_ids
 
     def load(spec):
         path, act = split_spec(spec)
@@ -98,9 +93,9 @@ def window_kld(specs, ref_spec, n_tokens, window, threads):
         chunk = ids[start:start + window]
         if len(chunk) < 2:
             break
-        ref_logits = ref.logits(chunk)[:-1]   # the predictions perplexity scores: every position but the last
+        ref_logp = log_softmax64(ref.logits(chunk)[:-1])   # the predictions perplexity scores: all but the last
         for s, m in models.items():
-            out[s].append(float(kl_rows(ref_logits, m.logits(chunk)[:-1]).mean()))
+            out[s].append(float(kl_rows(ref_logp, m.logits(chunk)[:-1]).mean()))
     return {s: np.array(v) for s, v in out.items()}
 
 
@@ -119,6 +114,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.tokens < 2 * args.window or args.window < 2:
         p.error("--tokens must be at least two windows, --window at least 2")
+    if args.kld and args.kld < 2 * args.window:
+        p.error("--kld must be 0 (off) or at least two windows of tokens")
     specs = [args.ref] + args.files
     for spec in specs:
         if not os.path.exists(split_spec(spec)[0]):

@@ -254,6 +254,20 @@ def test_paired_kl_rows_against_a_direct_sum():
     rng = np.random.default_rng(5)
     a, b = rng.standard_normal((3, 50)) * 4, rng.standard_normal((3, 50)) * 4
     p, q = np.exp(a) / np.exp(a).sum(1, keepdims=True), np.exp(b) / np.exp(b).sum(1, keepdims=True)
-    np.testing.assert_allclose(paired.kl_rows(a, b), (p * np.log(p / q)).sum(1), rtol=1e-10)
-    np.testing.assert_allclose(paired.kl_rows(a, a + 3.0), 0.0, atol=1e-12)   # a shift of the logits is no change
-    assert np.all(paired.kl_rows(a, b) > 0)
+    ref_logp = quality.log_softmax64(a)
+    np.testing.assert_allclose(paired.kl_rows(ref_logp, b), (p * np.log(p / q)).sum(1), rtol=1e-10)
+    np.testing.assert_allclose(paired.kl_rows(ref_logp, a + 3.0), 0.0, atol=1e-12)   # a shift is no change
+    assert np.all(paired.kl_rows(ref_logp, b) > 0)
+
+
+def test_paired_rejects_bad_arguments(tmp_path):
+    from bench import paired
+    f = tmp_path / "m.qrz"
+    f.write_bytes(b"")
+    for bad in (["--tokens", "600"], ["--kld", "100"], ["--window", "1"]):
+        with pytest.raises(SystemExit):
+            paired.main([str(f), str(f)] + bad)
+    with pytest.raises(SystemExit):
+        paired.main([str(f), str(tmp_path / "missing.qrz")])
+    with pytest.raises(SystemExit):
+        paired.main([str(f), str(f), "--pair", str(f), "other.qrz"])

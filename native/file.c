@@ -295,6 +295,33 @@ static int index_tokenizer(qrz_model *m, char *err, size_t cap) {
     return QRZ_OK;
 }
 
+/* The checksum reads the file with pread, not through the mapping: a page read through the mapping stays in this
+ * process's resident set, and rows of an embedding table that no prompt looks up (most of a 150k-token vocabulary)
+ * would then count against its memory for as long as the model is open. Read this way, they only pass through the
+ * page cache, which the kernel may drop. */
+static int crc32_of_file_range(int fd, const char *path, uint64_t offset, uint64_t n, uint32_t *out, char *err,
+                               size_t cap) {
+    enum { CHUNK = 1 << 20 };
+    uint8_t *buf = malloc(n < CHUNK ? (n ? n : 1) : CHUNK);
+    if (!buf) { qrz_set_error(err, cap, "out of memory"); return QRZ_ERR_MEMORY; }
+    uint32_t crc = 0;
+    while (n > 0) {
+        const ssize_t got = pread(fd, buf, n < CHUNK ? n : CHUNK, (off_t)offset);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) {
+            qrz_set_error(err, cap, "cannot read '%s': %s", path, got < 0 ? strerror(errno) : "the file shrank");
+            free(buf);
+            return QRZ_ERR_IO;
+        }
+        crc = qrz_crc32(crc, buf, (size_t)got);
+        offset += (uint64_t)got;
+        n -= (uint64_t)got;
+    }
+    free(buf);
+    *out = crc;
+    return QRZ_OK;
+}
+
 int qrz_model_open(const char *path, int verify, qrz_model **out, char *err, size_t cap) {
     if (!path || !out) { qrz_set_error(err, cap, "path and out must not be NULL"); return QRZ_ERR_ARG; }
     *out = NULL;
@@ -313,11 +340,14 @@ int qrz_model_open(const char *path, int verify, qrz_model **out, char *err, siz
         return QRZ_ERR_FORMAT;
     }
     void *map = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) { qrz_set_error(err, cap, "cannot map '%s': %s", path, strerror(errno)); return QRZ_ERR_IO; }
+    if (map == MAP_FAILED) {
+        close(fd);
+        qrz_set_error(err, cap, "cannot map '%s': %s", path, strerror(errno));
+        return QRZ_ERR_IO;
+    }
 
     qrz_model *m = calloc(1, sizeof *m);
-    if (!m) { munmap(map, size); qrz_set_error(err, cap, "out of memory"); return QRZ_ERR_MEMORY; }
+    if (!m) { close(fd); munmap(map, size); qrz_set_error(err, cap, "out of memory"); return QRZ_ERR_MEMORY; }
     m->base = map;
     m->size = size;
     int rc = QRZ_ERR_FORMAT;
@@ -378,7 +408,9 @@ int qrz_model_open(const char *path, int verify, qrz_model **out, char *err, siz
     if (verify) {
         for (int64_t i = 0; i < m->n_tensors; i++) {
             const qrz_tensor_view *t = &m->tensors[i];
-            if (qrz_crc32(0, m->base + t->offset, t->nbytes) != t->crc32) {
+            uint32_t crc;
+            if ((rc = crc32_of_file_range(fd, path, t->offset, t->nbytes, &crc, err, cap)) != QRZ_OK) goto fail;
+            if (crc != t->crc32) {
                 qrz_set_error(err, cap, "'%s' is corrupt: tensor '%.*s' fails its checksum; convert the model again",
                               path, (int)t->name_len, t->name);
                 rc = QRZ_ERR_CHECKSUM;
@@ -404,9 +436,11 @@ int qrz_model_open(const char *path, int verify, qrz_model **out, char *err, siz
     }
     /* weights are read front to back once per token: ask for read-ahead */
     madvise(map, size, MADV_WILLNEED);
+    close(fd);
     *out = m;
     return QRZ_OK;
 fail:
+    close(fd);
     qrz_model_free(m);
     return rc;
 }

@@ -323,6 +323,48 @@ QRZ_AVX2_INLINE void sdr_i8_group(const uint8_t *m, const int8_t *x, int64_t K, 
     }
 }
 
+/* One activation row (decoding), groups of whole runs: two runs per 32-byte load. A run's low nibbles are its
+ * values 0..15 and its high nibbles 16..31, so with x reordered once per call into [A 0..15 | B 0..15] and
+ * [A 16..31 | B 16..31] for each pair of runs A, B, a mask and a shift give both maddubs operands with no
+ * cross-lane step, the two halves' int16 sums add (at most 2 * 3810), and one madd with 2^e per lane widens and
+ * shifts at once: 9 instructions per 64 codes instead of 16. The integers are those of sdr_i8_rows. */
+#define SDR_PAIRS_MAX_K 16384     /* the reordered row lives on the stack */
+
+QRZ_AVX2_INLINE void sdr_i8_row_pairs(const sdr_view p, const int8_t *xq, const int32_t *xs, float xd, int64_t K,
+                                      int32_t G, int64_t r0, int64_t r1, float *y, const int RPG) {
+    const int64_t ng = K / G, np = K / 64;
+    int8_t xp[SDR_PAIRS_MAX_K] __attribute__((aligned(32)));
+    for (int64_t c = 0; c < np; c++) {
+        const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + 64 * c));
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32));
+        _mm256_store_si256((__m256i *)(xp + 64 * c), _mm256_permute2x128_si256(a, b, 0x20));
+        _mm256_store_si256((__m256i *)(xp + 64 * c + 32), _mm256_permute2x128_si256(a, b, 0x31));
+    }
+    const __m256i low4 = _mm256_set1_epi8(15);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *flags = p.e + r * p.fb, *mant = p.m + r * (K / 2);
+        __m256i acc = _mm256_setzero_si256();
+        for (int64_t c = 0; c < np; c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(mant + 32 * c));
+            const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)(xp + 64 * c))),
+                                                 _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(xp + 64 * c + 32))));
+            /* runs 2c and 2c + 1 are groups 2c and 2c + 1 (flag byte c) at G = 32; both lie in group 2c / RPG
+             * otherwise, whose shift fills both fields of the index */
+            const unsigned b = RPG == 1 ? flags[c] : 17u * (unsigned)nib_shift(flags, 2 * c / RPG);
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s16, NIB_LOAD(nib_pow_pair[b])));
+        }
+        if (K & 32) {     /* an odd number of runs: the last one alone */
+            __m256i s16;
+            nibu_runs16(mant + 32 * np, xq + 64 * np, K, 1, 1, &s16);
+            const unsigned e = (unsigned)nib_shift(flags, 2 * np / RPG);
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s16, NIB_LOAD(nib_pow_pair[17u * e])));
+        }
+        const uint32_t total = (uint32_t)hsum_i32(acc) - 8u * sdr_shifted_sums(flags, xs, ng);
+        y[r] = (float)(int32_t)total * (p.s[r] * xd);
+    }
+}
+
 QRZ_AVX2_INLINE void sdr_i8_rows(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
                                  float *y, int64_t ldy, const int NT, const int RPG) {
     const sdr_view p = sdr_view_of(w);
@@ -330,6 +372,10 @@ QRZ_AVX2_INLINE void sdr_i8_rows(const qrz_weight *w, const qrz_acts *x, int64_t
     const int64_t K = w->cols, ng = K / G;
     const int8_t *xq = x->q + i * K;
     const int32_t *xs = x->sums + i * ng;
+    if (NT == 1 && RPG >= 1 && K <= SDR_PAIRS_MAX_K) {
+        sdr_i8_row_pairs(p, xq, xs, x->d[i], K, G, r0, r1, y + i * ldy, RPG);
+        return;
+    }
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *flags = p.e + r * p.fb, *mant = p.m + r * (K / 2);
         __m256i acc[4];

@@ -330,16 +330,22 @@ QRZ_AVX2_INLINE void sdr_i8_group(const uint8_t *m, const int8_t *x, int64_t K, 
  * shifts at once: 9 instructions per 64 codes instead of 16. The integers are those of sdr_i8_rows. */
 #define SDR_PAIRS_MAX_K 16384     /* the reordered row lives on the stack */
 
+/* per 64 activations (a pair of runs): [0..15 | 32..47] then [16..31 | 48..63], the order of the low and the high
+ * nibbles of a 32-byte load of two runs' codes */
+QRZ_AVX2_INLINE void x_pairs_reorder(const int8_t *x, int64_t pairs, int8_t *xp) {
+    for (int64_t c = 0; c < pairs; c++) {
+        const __m256i a = _mm256_loadu_si256((const __m256i *)(x + 64 * c));
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(x + 64 * c + 32));
+        _mm256_store_si256((__m256i *)(xp + 64 * c), _mm256_permute2x128_si256(a, b, 0x20));
+        _mm256_store_si256((__m256i *)(xp + 64 * c + 32), _mm256_permute2x128_si256(a, b, 0x31));
+    }
+}
+
 QRZ_AVX2_INLINE void sdr_i8_row_pairs(const sdr_view p, const int8_t *xq, const int32_t *xs, float xd, int64_t K,
                                       int32_t G, int64_t r0, int64_t r1, float *y, const int RPG) {
     const int64_t ng = K / G, np = K / 64;
     int8_t xp[SDR_PAIRS_MAX_K] __attribute__((aligned(32)));
-    for (int64_t c = 0; c < np; c++) {
-        const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + 64 * c));
-        const __m256i b = _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32));
-        _mm256_store_si256((__m256i *)(xp + 64 * c), _mm256_permute2x128_si256(a, b, 0x20));
-        _mm256_store_si256((__m256i *)(xp + 64 * c + 32), _mm256_permute2x128_si256(a, b, 0x31));
-    }
+    x_pairs_reorder(xq, np, xp);
     const __m256i low4 = _mm256_set1_epi8(15);
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *flags = p.e + r * p.fb, *mant = p.m + r * (K / 2);
@@ -824,9 +830,93 @@ QRZ_AVX2_INLINE void fp4_rows8(const qrz_weight *w, const qrz_acts *x, int64_t i
     }
 }
 
+/* Decoding, eight rows at once, two runs per 32-byte load against x reordered as in sdr_i8_row_pairs (xp): the
+ * low nibbles of runs A, B through the table against [A 0..15 | B 0..15], the high ones against [A 16..31 |
+ * B 16..31]. At RPG = 1 the two lanes are two groups, so the reduction of eight rows' vectors stops one step early
+ * and gives both groups' totals; at RPG = 2 or 4 a group is one or two pairs. An int16 lane then holds up to 8
+ * products, at most 24384 for E2M1's table and less for E1M2's, so layouts with a burst of 4 or more only. The
+ * float steps are fp4_rows8's, in its order. */
+QRZ_AVX2_INLINE __m256i fp4_pair16(const uint8_t *m, const int8_t *xp, __m256i lut_u) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)m), low4 = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_shuffle_epi8(lut_u, _mm256_and_si256(v, low4));
+    const __m256i hi = _mm256_shuffle_epi8(lut_u, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+    return _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)xp)),
+                            _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(xp + 32))));
+}
+
+QRZ_AVX2_INLINE __m256 fp4_pair_step(__m256 acc, const fp4_setup *f, const qrz_acts *x, int64_t i, int64_t g,
+                                     __m256 dw, __m256i total) {
+    total = _mm256_sub_epi32(total, _mm256_set1_epi32(f->top * f->xs[g]));
+    const __m256 sc = f->grouped ? _mm256_mul_ps(dw, _mm256_set1_ps(x->d[i * f->ng + g])) : dw;
+    return _mm256_add_ps(acc, _mm256_mul_ps(sc, _mm256_cvtepi32_ps(total)));
+}
+
+QRZ_AVX2_INLINE void fp4_rows8_pairs(const fp4_setup *f, const qrz_acts *x, int64_t i, const int8_t *xp, int64_t r,
+                                     float *y, const int RPG) {
+    const uint16_t *wd = f->v.d + r * f->ng;
+    const uint8_t *codes = f->v.codes + r * (f->K / 2);
+    const int64_t row = f->K / 2;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < f->ng; g0 += 8) {
+        const int64_t gn = f->ng - g0 < 8 ? f->ng - g0 : 8;
+        __m256 dws[8];
+        if (gn == 8) {
+            for (int a = 0; a < 8; a++) dws[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + a * f->ng + g0)));
+            transpose8_ps(dws);
+        } else {
+            for (int64_t j = 0; j < gn; j++) {
+                const uint16_t *c = wd + g0 + j;
+                const int64_t n = f->ng;
+                dws[j] = _mm256_cvtph_ps(_mm_setr_epi16((short)c[0], (short)c[n], (short)c[2 * n], (short)c[3 * n],
+                                                        (short)c[4 * n], (short)c[5 * n], (short)c[6 * n], (short)c[7 * n]));
+            }
+        }
+        if (RPG == 1) {   /* gn is even: ng = K / 32 is, and g0 a multiple of 8 */
+            for (int64_t j = 0; j < gn; j += 2) {
+                const int64_t g = g0 + j;
+                __m256i v[8];
+                for (int a = 0; a < 8; a++) {
+                    _mm_prefetch((const char *)(codes + (a + 8) * row + g * 16), _MM_HINT_T0);
+                    v[a] = widen16(fp4_pair16(codes + a * row + g * 16, xp + g * 32, f->lut_u));
+                }
+                const __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+                const __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+                acc = fp4_pair_step(acc, f, x, i, g, dws[j], _mm256_permute2x128_si256(lo, hi, 0x20));
+                acc = fp4_pair_step(acc, f, x, i, g + 1, dws[j + 1], _mm256_permute2x128_si256(lo, hi, 0x31));
+            }
+        } else {
+            for (int64_t j = 0; j < gn; j++) {
+                const int64_t g = g0 + j;
+                __m256i v[8];
+                for (int a = 0; a < 8; a++) {
+                    _mm_prefetch((const char *)(codes + (a + 8) * row + g * 16 * RPG), _MM_HINT_T0);
+                    __m256i s16 = fp4_pair16(codes + a * row + g * 16 * RPG, xp + g * 32 * RPG, f->lut_u);
+                    for (int p = 1; p < RPG / 2; p++)
+                        s16 = _mm256_add_epi16(s16, fp4_pair16(codes + a * row + g * 16 * RPG + 32 * p,
+                                                               xp + g * 32 * RPG + 64 * p, f->lut_u));
+                    v[a] = widen16(s16);
+                }
+                acc = fp4_pair_step(acc, f, x, i, g, dws[j], hsum8x8_i32(v));
+            }
+        }
+    }
+    _mm256_storeu_ps(y + r, f->grouped ? acc : _mm256_mul_ps(acc, _mm256_set1_ps(x->d[i])));
+}
+
+#define FP4_PAIRS_MAX_K SDR_PAIRS_MAX_K
+
 QRZ_AVX2_INLINE void fp4_rows_any(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
                                   float *y, int64_t ldy, const int NT, const int RPG) {
     int64_t r = r0;
+    if (NT == 1 && (RPG == 1 || RPG == 2 || RPG == 4) && r1 - r0 >= 8 && w->cols % 64 == 0 &&
+        w->cols <= FP4_PAIRS_MAX_K && fp4_burst(((const uint8_t *)w->data)[0]) >= 4) {
+        const fp4_setup f = fp4_setup_of(w, x, i, RPG);
+        int8_t xp[FP4_PAIRS_MAX_K] __attribute__((aligned(32)));
+        x_pairs_reorder(f.xq, f.K / 64, xp);
+        for (; r + 8 <= r1; r += 8) fp4_rows8_pairs(&f, x, i, xp, r, y + i * ldy, RPG);
+        if (r < r1) fp4_rows(w, x, i, r, r1, y, ldy, NT, RPG, 1);
+        return;
+    }
     /* a group whose runs all fit one int16 burst (E2M1 and E1M2 up to 128 columns) takes a copy of the kernels
      * with the run count known at compile time: with it at run time, groups of 64 kept their sums on the stack
      * and ran 2.5-4x slower than groups of 32 */

@@ -82,6 +82,9 @@ CASES = [
     (96, 3, 192, 4), (128, 7, 384, 5), (256, 9, 512, 2), (320, 3, 640, 5), (640, 5, 640, 3), (2048, 3, 2048, 2),
     # sixteen rows and eight activation rows or more: the AVX-512 kernel's blocks (and its rows and groups left over)
     (32, 33, 160, 9), (64, 17, 640, 70), (96, 20, 192, 12), (256, 16, 512, 8),
+    # one activation row against eight weight rows or more: the AVX2 decoding kernel that reads two runs per load
+    # (groups of 32, 64 and 128; a partial block of eight groups; rows left over)
+    (32, 17, 128, 1), (32, 8, 192, 1), (32, 16, 2048, 1), (64, 24, 640, 1), (128, 9, 384, 5), (64, 8, 4864, 1),
 ]
 
 

@@ -351,6 +351,8 @@ QRZ_AVX2_INLINE void sdr_i8_row_pairs(const sdr_view p, const int8_t *xq, const 
         const uint8_t *flags = p.e + r * p.fb, *mant = p.m + r * (K / 2);
         __m256i acc = _mm256_setzero_si256();
         for (int64_t c = 0; c < np; c++) {
+            /* four rows ahead: a row is a short stream (448 bytes at 896 columns) for the hardware prefetcher */
+            _mm_prefetch((const char *)(mant + 4 * (K / 2) + 32 * c), _MM_HINT_T0);
             const __m256i v = _mm256_loadu_si256((const __m256i *)(mant + 32 * c));
             const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
             const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)(xp + 64 * c))),

@@ -227,68 +227,76 @@ QRZ_AVX512_INLINE void fp4_block16(const qrz_weight *w, const qrz_acts *x, int64
 }
 
 /* ---- SDR x I8_ROW, sixteen weight rows per vector ----
- * The FP4 kernel's layout (above) for SDR: each group of sixteen rows repacked into G / 4 column vectors, lane a
- * holding row a's u 2^e (u = m + 8 <= 15, e <= 4: at most 240, an unsigned byte), and one vpdpbusd per four
- * columns against those four activation bytes broadcast. A group's sum of m q 2^e is that less 8 2^e sum q, a
- * shift per lane of the activations' group sum; the groups then add in int32 (exact modulo 2^32 like the scalar
- * kernel's), and the row and activation scales multiply once at the end as in the scalar kernel. */
-QRZ_AVX512_INLINE void sdr_repack16(const sdr_view *p, int64_t rb, int64_t K, int64_t g, int32_t G, __m512i *cols,
-                                    __m512i *shifts) {
-    uint8_t rowvals[COL_ROWS][256] __attribute__((aligned(64)));   /* G <= 256 (the loader checks it) */
-    int32_t e[COL_ROWS];
+ * The FP4 kernel's layout (above) for SDR, with the signs of the two-runs kernel at the top of this file: lane a of
+ * a column vector holds row a's w = m 2^e (signed bytes, -128..112), and the activations are the unsigned side,
+ * q + 128 (x->qu, written by the quantizer beside q), broadcast four bytes at a time. So sum w q = sum w (q + 128)
+ * - 128 sum w, whose correction belongs to the weight row alone; and with each group's shift inside w, every
+ * column adds into one int32 per row and activation row. No step per group and activation row is left, and the
+ * repacking goes by spans of 256 columns whatever G is (any multiple of 16: a half run has one shift). Lanes wrap
+ * only modulo 2^32, so the total is the scalar kernel's integer; the float step is its multiply. */
+#define SDR_SPAN 256
+
+QRZ_AVX512_INLINE void sdr_repack16_span(const sdr_view *p, int64_t rb, int64_t K, int32_t G, int64_t c0, int32_t span,
+                                         __m512i *cols, __m512i *wsum) {
+    uint8_t rowvals[COL_ROWS][256] __attribute__((aligned(64)));
     for (int a = 0; a < COL_ROWS; a++) {
-        e[a] = nib_shift(p->e + (rb + a) * p->fb, g);
-        const __m256i sh = _mm256_set1_epi32(e[a]);
-        for (int32_t c = 0; c < G / 32; c++) {
-            const uint8_t *m = p->m + (rb + a) * (K / 2) + (g * G + 32 * c) / 2;
-            _mm256_store_si256((__m256i *)(rowvals[a] + 32 * c), _mm256_sllv_epi32(nibu_run(m), sh));
+        const uint8_t *flags = p->e + (rb + a) * p->fb, *m = p->m + (rb + a) * (K / 2);
+        for (int32_t c = 0; c < span / 32; c++) {
+            const int64_t col = c0 + 32 * c;   /* nibu_run: values 0..15 in the lower lane, 16..31 in the upper */
+            const int e0 = nib_shift(flags, col / G), e1 = nib_shift(flags, (col + 16) / G);
+            const __m256i sh = _mm256_setr_epi32(e0, e0, e0, e0, e1, e1, e1, e1);
+            const __m256i w = _mm256_sub_epi8(_mm256_sllv_epi32(nibu_run(m + col / 2), sh),
+                                              _mm256_sllv_epi32(_mm256_set1_epi8(8), sh));
+            _mm256_store_si256((__m256i *)(rowvals[a] + 32 * c), w);
         }
     }
-    *shifts = _mm512_add_epi32(_mm512_loadu_si512(e), _mm512_set1_epi32(3));   /* 8 2^e = 1 << (e + 3) */
-    columns_of_rows((const uint8_t (*)[256])rowvals, G, cols);
+    columns_of_rows((const uint8_t (*)[256])rowvals, span, cols);
+    for (int32_t j = 0; j < span / 4; j++) *wsum = _mm512_dpbusd_epi32(*wsum, _mm512_set1_epi8(1), cols[j]);
 }
 
-/* tot[u] += sum over group g of m q 2^e for activation rows i .. i + NT - 1 */
-QRZ_AVX512_INLINE void sdr_group_rows(const qrz_acts *x, int64_t i, int64_t g, int32_t G, const __m512i *cols,
-                                      __m512i shifts, __m512i *tot, const int NT) {
-    const int64_t K = x->cols, ng = K / G;
+/* tot[u] += sum over the span of w (q + 128) for activation rows u < NT, their q + 128 at xu + u K */
+QRZ_AVX512_INLINE void sdr_span_rows(const uint8_t *xu, int64_t K, const __m512i *cols, int32_t span, __m512i *tot,
+                                     const int NT) {
     __m512i s[COL_NT];
-    for (int u = 0; u < NT; u++) s[u] = _mm512_setzero_si512();
-    columns_dot(cols, G, x->q + i * K + g * G, K, s, NT);
-    for (int u = 0; u < NT; u++) {
-        const __m512i corr = _mm512_sllv_epi32(_mm512_set1_epi32(x->sums[(i + u) * ng + g]), shifts);
-        tot[u] = _mm512_add_epi32(tot[u], _mm512_sub_epi32(s[u], corr));
-    }
+    for (int u = 0; u < NT; u++) s[u] = tot[u];
+    for (int32_t j = 0; j < span / 4; j++)
+        for (int u = 0; u < NT; u++) {
+            int32_t four;
+            memcpy(&four, xu + u * K + 4 * j, 4);
+            s[u] = _mm512_dpbusd_epi32(s[u], _mm512_set1_epi32(four), cols[j]);
+        }
+    for (int u = 0; u < NT; u++) tot[u] = s[u];
 }
 
 QRZ_AVX512_INLINE void sdr_block16(const qrz_weight *w, const qrz_acts *x, int64_t rb, float *y, int64_t ldy) {
     const sdr_view p = sdr_view_of(w);
-    const int32_t G = w->group;
-    const int64_t K = w->cols, ng = K / G;
+    const int64_t K = w->cols;
     const __m512 s_w = _mm512_loadu_ps(p.s + rb);
     for (int64_t t0 = 0; t0 < x->n; t0 += COL_ACT_CHUNK) {
         const int64_t nt = x->n - t0 < COL_ACT_CHUNK ? x->n - t0 : COL_ACT_CHUNK;
-        __m512i tot[COL_ACT_CHUNK];
+        __m512i tot[COL_ACT_CHUNK], wsum = _mm512_setzero_si512();
         for (int64_t t = 0; t < nt; t++) tot[t] = _mm512_setzero_si512();
-        for (int64_t g = 0; g < ng; g++) {
-            __m512i cols[64], shifts;
-            sdr_repack16(&p, rb, K, g, G, cols, &shifts);
+        for (int64_t c0 = 0; c0 < K; c0 += SDR_SPAN) {
+            const int32_t span = K - c0 < SDR_SPAN ? (int32_t)(K - c0) : SDR_SPAN;
+            __m512i cols[SDR_SPAN / 4];
+            sdr_repack16_span(&p, rb, K, w->group, c0, span, cols, &wsum);
+            const uint8_t *xu = x->qu + t0 * K + c0;
             int64_t t = 0;
-            for (; t + COL_NT <= nt; t += COL_NT) sdr_group_rows(x, t0 + t, g, G, cols, shifts, tot + t, COL_NT);
-            for (; t < nt; t++) sdr_group_rows(x, t0 + t, g, G, cols, shifts, tot + t, 1);
+            for (; t + COL_NT <= nt; t += COL_NT) sdr_span_rows(xu + t * K, K, cols, span, tot + t, COL_NT);
+            for (; t < nt; t++) sdr_span_rows(xu + t * K, K, cols, span, tot + t, 1);
         }
+        const __m512i corr = _mm512_slli_epi32(wsum, 7);
         for (int64_t t = 0; t < nt; t++) {
             const int64_t i = t0 + t;
             const __m512 scale = _mm512_mul_ps(s_w, _mm512_set1_ps(x->d[i]));
-            _mm512_storeu_ps(y + i * ldy + rb, _mm512_mul_ps(_mm512_cvtepi32_ps(tot[t]), scale));
+            _mm512_storeu_ps(y + i * ldy + rb, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(tot[t], corr)), scale));
         }
     }
 }
-
 QRZ_AVX512 static void sdr_matmul_i8_avx512_blocks(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1,
                                                    float *y, int64_t ldy) {
     int64_t r = r0;
-    if (x->n >= AVX512_NT && w->group % 32 == 0)   /* groups of whole runs of 32 codes (sdr_repack16) */
+    if (x->n >= AVX512_NT && x->qu)   /* the column kernel takes the activations as q + 128 */
         for (; r + COL_ROWS <= r1; r += COL_ROWS) sdr_block16(w, x, r, y, ldy);
     if (r < r1) sdr_matmul_i8_avx512(w, x, r, r1, y, ldy);   /* the rows left over, any group */
 }

@@ -253,6 +253,7 @@ void qrz_context_free(qrz_context *c) {
     free((void *)c->chunks_taken);
     free(c->scores); free(c->act_q); free(c->act_d); free(c->act_e); free(c->act_sums);
     free(c->up_q); free(c->up_d); free(c->up_e); free(c->up_sums); free(c->logits); free(c->tokens);
+    free(c->act_qu); free(c->up_qu);
     free(c);
 }
 
@@ -334,6 +335,11 @@ int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context *
     c->up_d = malloc(B * per_row_up * sizeof(float));
     c->up_e = malloc(B * per_row_up);
     c->up_sums = malloc(B * per_row_up * sizeof(int32_t));
+    if (c->isa == QRZ_ISA_AVX512) {   /* only its SDR column kernel reads them */
+        c->act_qu = malloc(B * max_cols);
+        c->up_qu = malloc(B * E);
+        if (!c->act_qu || !c->up_qu) rc = rc ? rc : QRZ_ERR_MEMORY;
+    }
     c->logits = malloc((size_t)QRZ_LOGIT_ROWS * c->n_vocab * sizeof(float));
     c->tokens = malloc((size_t)c->n_ctx * sizeof(int32_t));
     if (rc || !c->pool || !c->rope_cos || !c->rope_sin || !c->x || !c->xb || !c->q || !c->k || !c->v || !c->att ||
@@ -435,10 +441,13 @@ static int64_t acts_tile(const qrz_context *c) { return c->isa == QRZ_ISA_AVX512
 
 /* a matmul's job: its input rows x quantized into (q, d, e, sums) for w's kernels */
 static matmul_job matmul_prepare(qrz_context *c, const qrz_weight *w, const float *x, int64_t n, int8_t *q, float *d,
-                                 uint8_t *e, int32_t *sums) {
+                                 uint8_t *e, int32_t *sums, uint8_t *qu) {
     if (c->matmul_hook) c->matmul_hook(c->matmul_hook_user, w->tensor, x, n, w->cols);
     const int path = qrz_act_path(w->type, c->act_bits);
-    matmul_job job = {w, {n, w->cols, x, qrz_acts_kind_for(w, path), q, d, e, w->group, w->data, sums},
+    const int kind = qrz_acts_kind_for(w, path);
+    /* q + 128 only where a kernel reads it: int8 rows of a prompt (the column kernels take 8 rows or more) */
+    uint8_t *with_qu = kind == QRZ_ACTS_I8_ROW && n >= 8 ? qu : NULL;
+    matmul_job job = {w, {n, w->cols, x, kind, q, d, e, w->group, w->data, sums, with_qu},
                       NULL, w->rows, qrz_matmul_for(w->type, path, c->isa), acts_tile(c), NULL};
     qrz_quantize_acts_isa(&job.acts, c->isa);
     return job;
@@ -446,7 +455,7 @@ static matmul_job matmul_prepare(qrz_context *c, const qrz_weight *w, const floa
 
 /* y[n][w->rows] = x[n][w->cols] W^T */
 static void matmul(qrz_context *c, const qrz_weight *w, const float *x, int64_t n, float *y) {
-    matmul_job job = matmul_prepare(c, w, x, n, c->act_q, c->act_d, c->act_e, c->act_sums);
+    matmul_job job = matmul_prepare(c, w, x, n, c->act_q, c->act_d, c->act_e, c->act_sums, c->act_qu);
     const row_chunks chunks = row_chunks_start(c, w->rows);
     job.y = y;
     job.chunks = &chunks;
@@ -572,8 +581,8 @@ static void gated_task(void *arg, int ith, int nth) {
 }
 
 static void gated_up(qrz_context *c, const qrz_layer *L, const float *x, int64_t n) {
-    gated_job job = {c, matmul_prepare(c, &L->w_gate, x, n, c->act_q, c->act_d, c->act_e, c->act_sums),
-                     matmul_prepare(c, &L->w_up, x, n, c->up_q, c->up_d, c->up_e, c->up_sums)};
+    gated_job job = {c, matmul_prepare(c, &L->w_gate, x, n, c->act_q, c->act_d, c->act_e, c->act_sums, c->act_qu),
+                     matmul_prepare(c, &L->w_up, x, n, c->up_q, c->up_d, c->up_e, c->up_sums, c->up_qu)};
     const row_chunks chunks = row_chunks_start(c, L->w_gate.rows);
     job.gate.chunks = &chunks;
     qrz_pool_run(c->pool, gated_task, &job);

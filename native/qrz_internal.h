@@ -90,6 +90,8 @@ typedef struct {
     const uint8_t *params;        /* the weight tensor's bytes, for kinds whose parameters it holds (FP4) */
     int32_t *sums;                /* NULL, or [n][cols/group] the sum of q over each group: SIMD kernels that
                                      multiply unsigned codes (m + 8) take 8 * sum(q) back off once per group */
+    uint8_t *qu;                  /* NULL, or [n][cols] q + 128 (I8_ROW), written beside q by the quantizer: for
+                                     kernels that make the activations the unsigned side of vpdpbusd */
 } qrz_acts;
 
 /* the activation kind a weight takes on path 0 (8-bit) or 1 (4-bit): the type table's, refined by the tensor's
@@ -284,6 +286,7 @@ struct qrz_context {
     uint8_t *act_e;                               /* [n_batch][max cols / min group + 1] SDR shifts */
     int32_t *act_sums;                            /* [n_batch][max cols / min group + 1] group sums of act_q */
     int8_t *up_q;                                 /* [n_batch][n_embd] the up projection's input, quantized apart */
+    uint8_t *act_qu, *up_qu;                      /* NULL, or act_q and up_q + 128 (I8_ROW on AVX-512) */
     float *up_d;                                  /* from the gate's (a format's activation form may depend on */
     uint8_t *up_e;                                /* the tensor: SQ's hot channels) because both run in one */
     int32_t *up_sums;                             /* pass; [n_batch][n_embd / min group + 1] for the rest */

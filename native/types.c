@@ -559,8 +559,9 @@ bool (*qrz_acts_quantizer[QRZ_ISA_COUNT])(qrz_acts *a);
 
 void qrz_quantize_acts_isa(qrz_acts *a, int isa) {
     qrz_types_init();
-    if (isa > 0 && isa < QRZ_ISA_COUNT && qrz_acts_quantizer[isa] && qrz_acts_quantizer[isa](a)) return;
-    qrz_quantize_acts(a);
+    if (!(isa > 0 && isa < QRZ_ISA_COUNT && qrz_acts_quantizer[isa] && qrz_acts_quantizer[isa](a))) qrz_quantize_acts(a);
+    if (a->qu && a->kind == QRZ_ACTS_I8_ROW)
+        for (int64_t k = 0; k < a->n * a->cols; k++) a->qu[k] = (uint8_t)a->q[k] ^ 0x80u;
 }
 
 int64_t qrz_acts_scales_per_row(int kind, int64_t cols, int32_t group) {
@@ -582,6 +583,7 @@ qrz_acts qrz_acts_rows(const qrz_acts *a, int64_t i0, int64_t n) {
         sub.d += i0 * qrz_acts_scales_per_row(a->kind, a->cols, a->group);
         if (a->e) sub.e += i0 * (a->cols / a->group);
         if (a->sums) sub.sums += i0 * (a->cols / a->group);
+        if (a->qu) sub.qu += i0 * a->cols;
     }
     return sub;
 }
@@ -726,13 +728,17 @@ int qrz_kernel_matmul(int isa, int type, int32_t group, int32_t act_bits, const 
     const int path = qrz_act_path(type, act_bits);
     qrz_weight w = {type, group, rows, cols, wdata, -1};
     if (qrz_types[type].check && qrz_types[type].check(&w)) return QRZ_ERR_ARG;
-    qrz_acts a = {n, cols, x, qrz_acts_kind_for(&w, path), NULL, NULL, NULL, group, wdata, NULL};
+    qrz_acts a = {n, cols, x, qrz_acts_kind_for(&w, path), NULL, NULL, NULL, group, wdata, NULL, NULL};
     if (a.kind != QRZ_ACTS_F32) {
         a.q = malloc((size_t)(n * cols));
         a.d = malloc((size_t)(n * cols) * sizeof(float));
         a.e = malloc((size_t)(n * cols));
         a.sums = malloc((size_t)(n * cols) * sizeof(int32_t));
-        if (!a.q || !a.d || !a.e || !a.sums) { free(a.q); free(a.d); free(a.e); free(a.sums); return QRZ_ERR_MEMORY; }
+        a.qu = malloc((size_t)(n * cols));
+        if (!a.q || !a.d || !a.e || !a.sums || !a.qu) {
+            free(a.q); free(a.d); free(a.e); free(a.sums); free(a.qu);
+            return QRZ_ERR_MEMORY;
+        }
         qrz_quantize_acts_isa(&a, isa);
     }
     qrz_matmul_for(type, path, isa)(&w, &a, 0, rows, y, rows);
@@ -740,6 +746,7 @@ int qrz_kernel_matmul(int isa, int type, int32_t group, int32_t act_bits, const 
     free(a.d);
     free(a.e);
     free(a.sums);
+    free(a.qu);
     return QRZ_OK;
 }
 

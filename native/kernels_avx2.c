@@ -539,6 +539,8 @@ QRZ_AVX2_INLINE void int4_run16(const uint8_t *m, const int8_t *x, int64_t K, co
 /* int32 lanes summing to one group's sum of codes times activations, NT activation rows */
 QRZ_AVX2_INLINE void int4_group_sums(const uint8_t *m, const int8_t *x, int64_t K, int32_t rpg, const int RPG,
                                      const int NT, __m256i *s32) {
+    /* decoding: four weight rows ahead (2 K bytes of codes), as sdr_i8_row_pairs */
+    if (NT == 1) _mm_prefetch((const char *)(m + 2 * K), _MM_HINT_T0);
     if (RPG > 0) {
         __m256i s16[4];
         nib_runs16(m, x, K, RPG, NT, s16);

@@ -17,6 +17,11 @@ averaged over the predictions of the first N tokens (the same windows; full voca
 standard error over windows. It needs every file loaded at once and a window's logits of each, so N is kept
 small (4096 takes a few minutes for Gemma-3-270M). Unlike perplexity it is never below zero and does not
 depend on which token the text happens to hold next.
+
+--text c4|code scores another text of the same set instead of wiki, from token --skip on: the converter's
+calibration reads c4's first 16384 tokens (--calib, --signround) and ranks candidates on the 4096 after them, so
+`--text c4 --skip 24576` is c4 that no conversion has seen, to tell a format's fit to its calibration text's kind
+from its fit to wiki.
 """
 import argparse
 import hashlib
@@ -37,21 +42,33 @@ def split_spec(spec):
     return spec, None
 
 
-def token_nll(spec, n_tokens, window, threads, cache):
-    """per-token NLL (float64) of the file's first n_tokens wiki tokens in windows of `window`, cached"""
-    import pyqrt
+def text_ids(model, n_tokens, text="wiki", skip=0):
+    """tokens skip .. skip + n_tokens of one of the texts (wiki: bench.quality's tokenization of it)"""
     from bench.quality import wiki_ids
+    if text == "wiki":
+        return wiki_ids(model, skip + n_tokens)[skip:]
+    from tests import assets
+    ids = model.tokenize(assets.text(text), special=False)
+    if len(ids) < skip + n_tokens:
+        raise ValueError(f"{text}.utf8 has {len(ids)} tokens, fewer than --skip {skip} + --tokens {n_tokens}")
+    return ids[skip:skip + n_tokens]
+
+
+def token_nll(spec, n_tokens, window, threads, cache, text="wiki", skip=0):
+    """per-token NLL (float64) of the file on n_tokens tokens of `text` from `skip`, in windows of `window`, cached"""
+    import pyqrt
     from pyqrt import _qrz
     path, act = split_spec(spec)
     st, lib = os.stat(path), os.stat(_qrz.__file__)
+    where = "" if (text, skip) == ("wiki", 0) else f"|{text}|{skip}"   # wiki from 0 keeps the earlier cache keys
     key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{act}|{n_tokens}|{window}|"
-                       f"{lib.st_size}|{lib.st_mtime_ns}".encode())
+                       f"{lib.st_size}|{lib.st_mtime_ns}{where}".encode())
     dst = os.path.join(cache, key.hexdigest()[:16] + ".npy")
     if os.path.exists(dst):
         return np.load(dst)
     t0 = time.perf_counter()
     model = pyqrt.load(path, threads=threads, **({"act": act} if act else {}))
-    ids = wiki_ids(model, n_tokens)
+    ids = text_ids(model, n_tokens, text, skip)
     nll = np.concatenate([model.score(ids[s:s + window]) for s in range(0, len(ids), window)
                           if len(ids[s:s + window]) >= 2])
     os.makedirs(cache, exist_ok=True)
@@ -77,17 +94,17 @@ def kl_rows(ref_logp, logits):
     return (np.exp(ref_logp) * (ref_logp - log_softmax64(logits))).sum(axis=1)
 
 
-def window_kld(specs, ref_spec, n_tokens, window, threads):
-    """{spec: per-window mean KL(ref || spec)} over the first n_tokens wiki tokens"""
+def window_kld(specs, ref_spec, n_tokens, window, threads, text="wiki", skip=0):
+    """{spec: per-window mean KL(ref || spec)} over n_tokens tokens of `text` from `skip`"""
     import pyqrt
-    from bench.quality import log_softmax64, wiki_ids
+    from bench.quality import log_softmax64
 
     def load(spec):
         path, act = split_spec(spec)
         return pyqrt.load(path, threads=threads, ctx=window, **({"act": act} if act else {}))
     ref = load(ref_spec)
     models = {s: load(s) for s in specs}
-    ids = wiki_ids(ref, n_tokens)
+    ids = text_ids(ref, n_tokens, text, skip)
     out = {s: [] for s in specs}
     for start in range(0, len(ids), window):
         chunk = ids[start:start + window]
@@ -111,7 +128,11 @@ def main(argv=None):
     p.add_argument("--cache", default=DEFAULT_CACHE)
     p.add_argument("--kld", type=int, default=0, metavar="N",
                    help="also KL(reference || file) over the first N tokens (full logits: keep N small)")
+    p.add_argument("--text", choices=["wiki", "c4", "code"], default="wiki")
+    p.add_argument("--skip", type=int, default=0, help="tokens of the text to skip before scoring")
     args = p.parse_args(argv)
+    if args.skip < 0:
+        p.error("--skip must not be negative")
     if args.tokens < 2 * args.window or args.window < 2:
         p.error("--tokens must be at least two windows, --window at least 2")
     if args.kld and args.kld < 2 * args.window:
@@ -123,9 +144,9 @@ def main(argv=None):
     for a, b in args.pair:
         if a not in args.files or b not in args.files:
             p.error(f"--pair {a} {b}: both must be among the files, spelled as there")
-    nll = {s: token_nll(s, args.tokens, args.window, args.threads, args.cache) for s in specs}
+    nll = {s: token_nll(s, args.tokens, args.window, args.threads, args.cache, args.text, args.skip) for s in specs}
     ref = nll[args.ref]
-    print(f"wiki, first {args.tokens} tokens in windows of {args.window} ({len(ref)} scored); "
+    print(f"{args.text}, tokens {args.skip}-{args.skip + args.tokens} in windows of {args.window} ({len(ref)} scored); "
           f"Δ = mean NLL difference per token ± its standard error over the windows")
     print("| file | ppl | Δ vs reference |")
     print("|---|---:|---:|")
@@ -137,8 +158,9 @@ def main(argv=None):
         m, se = paired(nll[a], nll[b], args.window - 1)
         print(f"| {a} − {b} | | {m:+.4f} ± {se:.4f} |")
     if args.kld:
-        kld = window_kld(args.files, args.ref, args.kld, args.window, args.threads)
-        print(f"\nKL(reference || file), nats per prediction, first {args.kld} tokens, ± standard error over windows")
+        kld = window_kld(args.files, args.ref, args.kld, args.window, args.threads, args.text, args.skip)
+        print(f"\nKL(reference || file), nats per prediction, {args.kld} tokens from {args.skip}, "
+              "± standard error over windows")
         print("| file | KL |")
         print("|---|---:|")
         for s in args.files:

@@ -271,3 +271,24 @@ def test_paired_rejects_bad_arguments(tmp_path):
         paired.main([str(f), str(tmp_path / "missing.qrz")])
     with pytest.raises(SystemExit):
         paired.main([str(f), str(f), "--pair", str(f), "other.qrz"])
+
+
+def test_paired_text_ids_skip_and_other_texts(monkeypatch, tmp_path):
+    from bench import paired
+    from tests import assets
+    texts = {"wiki": "abcdefghijklmnopqrstuvwxyz" * 4, "c4": "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+    monkeypatch.setattr(assets, "text", lambda name: texts[name])
+
+    class Chars:   # one token per character
+        def tokenize(self, text, special=False):
+            return [ord(ch) for ch in text]
+    m = Chars()
+    assert paired.text_ids(m, 5) == [ord(c) for c in "abcde"]
+    assert paired.text_ids(m, 5, "wiki", 3) == [ord(c) for c in "defgh"]
+    assert paired.text_ids(m, 4, "c4", 20) == [ord(c) for c in "UVWX"]
+    with pytest.raises(ValueError, match="fewer than"):
+        paired.text_ids(m, 10, "c4", 20)
+    f = tmp_path / "m.qrz"
+    f.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        paired.main([str(f), str(f), "--skip", "-1"])

@@ -113,9 +113,23 @@ class _InputStats:
                     kept[slot] = rows[j].copy()
 
 
-@ffi.def_extern()
+# An exception that leaves the hook before its own `try` (a signal handler's SystemExit or KeyboardInterrupt runs
+# at the function's first instruction) would be printed and dropped by cffi; the onerror handler keeps it instead,
+# for input_statistics to raise after the window, as it does the hook's own errors.
+_HOOK_ESCAPED = []
+
+
+def _hook_escaped(exc_type, exc_value, traceback):
+    _HOOK_ESCAPED.append(exc_value)
+
+
+def _hook_stats(user):
+    return ffi.from_handle(user)
+
+
+@ffi.def_extern(onerror=_hook_escaped)
 def pyqrt_on_matmul(user, tensor, x, n, cols):
-    stats = ffi.from_handle(user)
+    stats = _hook_stats(user)
     try:
         rows = np.frombuffer(ffi.buffer(x, n * cols * 4), dtype=np.float32).reshape(n, cols)
         if stats.gram:
@@ -249,6 +263,8 @@ class Model:
                 if len(chunk) < 2:
                     break
                 self.score(chunk)
+                if stats.error is None and _HOOK_ESCAPED:
+                    stats.error = _HOOK_ESCAPED.pop()
                 if stats.error is not None:
                     raise stats.error
         finally:

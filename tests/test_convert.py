@@ -710,3 +710,20 @@ def test_sparse_fraction_is_an_sq_option(tiny_hf, tmp_path):
         with pytest.raises(ConvertError, match=why):
             convert(tiny_hf, tmp_path / "bad.qrz", fmt=fmt, group_size=32, sparse=sparse, progress=False)
     assert not os.path.exists(tmp_path / "bad.qrz")
+
+
+def test_input_statistics_raises_what_escapes_the_hook(tiny_hf, tmp_path, monkeypatch):
+    """a signal's exception arrives at the hook's first instruction, before its own try; cffi would print and drop
+    it, so a SIGTERM during --calib went unheeded. It must come out of input_statistics after the window."""
+    from pyqrt import model as model_module
+    m = pyqrt.load(convert(tiny_hf, tmp_path / "t-f32.qrz", fmt="f32", progress=False), threads=1, batch=16)
+
+    def interrupted(handle):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_module, "_hook_stats", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        m.input_statistics(list(range(3, 60)), window=20)
+    monkeypatch.undo()
+    model_module._HOOK_ESCAPED.clear()
+    assert m.input_statistics(list(range(3, 60)), window=20)     # and the next run is unaffected

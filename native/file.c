@@ -299,25 +299,22 @@ static int index_tokenizer(qrz_model *m, char *err, size_t cap) {
  * process's resident set, and rows of an embedding table that no prompt looks up (most of a 150k-token vocabulary)
  * would then count against its memory for as long as the model is open. Read this way, they only pass through the
  * page cache, which the kernel may drop. */
-static int crc32_of_file_range(int fd, const char *path, uint64_t offset, uint64_t n, uint32_t *out, char *err,
-                               size_t cap) {
-    enum { CHUNK = 1 << 20 };
-    uint8_t *buf = malloc(n < CHUNK ? (n ? n : 1) : CHUNK);
-    if (!buf) { qrz_set_error(err, cap, "out of memory"); return QRZ_ERR_MEMORY; }
+#define CRC_CHUNK (1u << 20)      /* the read buffer of crc32_of_file_range */
+
+static int crc32_of_file_range(int fd, const char *path, uint64_t offset, uint64_t n, uint8_t *buf, uint32_t *out,
+                               char *err, size_t cap) {
     uint32_t crc = 0;
     while (n > 0) {
-        const ssize_t got = pread(fd, buf, n < CHUNK ? n : CHUNK, (off_t)offset);
+        const ssize_t got = pread(fd, buf, n < CRC_CHUNK ? n : CRC_CHUNK, (off_t)offset);
         if (got < 0 && errno == EINTR) continue;
         if (got <= 0) {
             qrz_set_error(err, cap, "cannot read '%s': %s", path, got < 0 ? strerror(errno) : "the file shrank");
-            free(buf);
             return QRZ_ERR_IO;
         }
         crc = qrz_crc32(crc, buf, (size_t)got);
         offset += (uint64_t)got;
         n -= (uint64_t)got;
     }
-    free(buf);
     *out = crc;
     return QRZ_OK;
 }
@@ -425,17 +422,20 @@ int qrz_model_open(const char *path, int verify, qrz_model **out, char *err, siz
         if ((rc = parse_tensor(&r, &m->tensors[i], m->base, data_offset, size, err, cap)) != QRZ_OK) goto fail;
     if ((rc = index_tokenizer(m, err, cap)) != QRZ_OK) goto fail;
     if (verify) {
-        for (int64_t i = 0; i < m->n_tensors; i++) {
+        uint8_t *buf = malloc(CRC_CHUNK);
+        if (!buf) { rc = QRZ_ERR_MEMORY; qrz_set_error(err, cap, "out of memory"); goto fail; }
+        for (int64_t i = 0; i < m->n_tensors && rc == QRZ_OK; i++) {
             const qrz_tensor_view *t = &m->tensors[i];
             uint32_t crc;
-            if ((rc = crc32_of_file_range(fd, path, t->offset, t->nbytes, &crc, err, cap)) != QRZ_OK) goto fail;
+            if ((rc = crc32_of_file_range(fd, path, t->offset, t->nbytes, buf, &crc, err, cap)) != QRZ_OK) break;
             if (crc != t->crc32) {
                 qrz_set_error(err, cap, "'%s' is corrupt: tensor '%.*s' fails its checksum; convert the model again",
                               path, (int)t->name_len, t->name);
                 rc = QRZ_ERR_CHECKSUM;
-                goto fail;
             }
         }
+        free(buf);
+        if (rc != QRZ_OK) goto fail;
     }
     /* codes outside what the kernels' integer bounds assume are refused, checksum or not */
     for (int64_t i = 0; i < m->n_tensors; i++) {

@@ -256,6 +256,7 @@ class Model:
             ids = ids[:_int_arg("max_tokens", max_tokens, 2)]
         stats = _InputStats(gram=bool(gram), samples=_int_arg("samples", samples, 0))
         handle = ffi.new_handle(stats)
+        _HOOK_ESCAPED.clear()
         lib.qrz_context_set_matmul_hook(self._ctx, lib.pyqrt_on_matmul, handle)
         try:
             for start in range(0, len(ids), window):
@@ -264,7 +265,7 @@ class Model:
                     break
                 self.score(chunk)
                 if stats.error is None and _HOOK_ESCAPED:
-                    stats.error = _HOOK_ESCAPED.pop()
+                    stats.error = _HOOK_ESCAPED[0]
                 if stats.error is not None:
                     raise stats.error
         finally:

@@ -24,8 +24,8 @@ def main(argv=None):
                              "the text you evaluate on")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default: 16384)")
     parser.add_argument("--sparse", type=float, default=None,
-                        help="sq: the fraction of each group's weights kept as int8 (and, with --calib, of the input "
-                             "channels whose activations stay 8-bit); default 1/32")
+                        help="sq: the fraction of each group's weights kept at 8 bits (slots); default 3/64, three "
+                             "per group of 64 (4.75 bits per weight)")
     parser.add_argument("--signround", action="store_true",
                         help="sdr, fp4, sq, int4: learn each block's rounding and clipping by signed gradient descent "
                              "on the --calib text (SignRound; needs torch: pip install 'pyqrt[signround]')")

@@ -211,7 +211,8 @@ class Fp4Rounder(Rounder):
 
 class SqRounder(Rounder):
     """SQ: the slot positions of the format's importance rule stay; d = max(alpha * max|dense| / 7,
-    max|slot| / 127) (f16), and q = round(w / d + V) clamped to the dense 4-bit range, or int8 at a slot"""
+    max|slot| / SLOT_MAX) (f16), and q = round(w / d + V) clamped to the dense 4-bit range, or to the slots'
+    SLOT_MIN..SLOT_MAX at a slot"""
 
     def __init__(self, torch, w, group, col_energy, sparse=sq.DEFAULT_SPARSE):
         super().__init__(torch, w, group, col_energy)
@@ -230,9 +231,10 @@ class SqRounder(Rounder):
 
     def _parts(self):
         torch = self.torch
-        d = self.f16_ste(torch.maximum(self.amax_dense * self.clipped_alpha() / 7.0, self.amax_slot / 127.0))
+        d = self.f16_ste(torch.maximum(self.amax_dense * self.clipped_alpha() / 7.0,
+                                       self.amax_slot / float(sq.SLOT_MAX)))
         u = self.round_ste(self.w / _safe(d)[:, :, None] + self.V)
-        return d, torch.where(self.is_slot, u.clamp(-127, 127), u.clamp(-8, 7))
+        return d, torch.where(self.is_slot, u.clamp(sq.SLOT_MIN, sq.SLOT_MAX), u.clamp(-8, 7))
 
     def fake(self):
         d, q = self._parts()
@@ -242,14 +244,14 @@ class SqRounder(Rounder):
         with self.torch.no_grad():
             d, q = self._parts()
         d16 = d.numpy().astype(np.float16)
-        u = q.numpy().astype(np.int8)
-        dense = np.where(self.is_slot.numpy(), 0, u).reshape(self.rows, self.cols)
-        vals = np.take_along_axis(u, self.pos.astype(np.int64), axis=2).astype(np.int8)
+        u = q.numpy().astype(np.int16)
+        dense = np.where(self.is_slot.numpy(), 0, u).astype(np.int8).reshape(self.rows, self.cols)
+        vals = np.take_along_axis(u, self.pos.astype(np.int64), axis=2)
         if calib is None or calib.absmax is None or not np.max(calib.absmax) > 0:
             return sq.pack(d16, dense, self.pos, vals)
         w_hat = sq.dequantize_parts(d16, dense, self.pos, vals, self.group)
         acts = sq.search_acts(w_hat, calib.absmax, calib.samples, self.group,
-                              int(round(self.sparse * self.cols)))
+                              sq.hot_base(self.cols))
         return sq.pack(d16, dense, self.pos, vals, *acts)
 
 

@@ -626,8 +626,8 @@ QRZ_AVX2 static void int4_matmul_avx2(const qrz_weight *w, const qrz_acts *x, in
     NIB_DISPATCH(int4_rows, w, x, r0, r1, y, ldy)
 }
 
-/* ---- SQ x Q8_GROUP or SQ4_GROUP: the INT4 group sums, plus the group's k int8 slots (v * x[pos], scalar: k is
- * a few per group) added into the same int32 sum before its one float multiply-add. Groups are multiples of 32. */
+/* ---- SQ x Q8_GROUP or SQ4_GROUP: the INT4 group sums, plus the group's k slots (16 h * x[pos], scalar: k is a
+ * few per group) added into the same int32 sum before its one float multiply-add. Groups are multiples of 32. */
 QRZ_AVX2_INLINE void sq_rows(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
                              float *y, int64_t ldy, const int NT, const int RPG) {
     const qrz_sq_view v = qrz_sq_split(w->data, w->rows, w->cols, w->group);
@@ -637,7 +637,7 @@ QRZ_AVX2_INLINE void sq_rows(const qrz_weight *w, const qrz_acts *x, int64_t i, 
     const float *xd = x->d + i * ng;
     for (int64_t r = r0; r < r1; r++) {
         const uint16_t *wd = v.d + r * ng;
-        const uint8_t *mant = v.codes + r * (K / 2), *slots = v.slots + (uint64_t)r * ng * k * 2;
+        const uint8_t *mant = v.codes + r * (K / 2), *slots = v.slots + (uint64_t)r * ng * v.record;
         __m256 acc[4];
         for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
         for (int64_t g0 = 0; g0 < ng; g0 += 8) {
@@ -647,12 +647,14 @@ QRZ_AVX2_INLINE void sq_rows(const qrz_weight *w, const qrz_acts *x, int64_t i, 
             for (int64_t j = 0; j < gn; j++) {
                 const int64_t g = g0 + j;
                 const int8_t *xg = xq + g * G;
-                const uint8_t *sl = slots + g * k * 2;
+                const uint8_t *record = slots + g * v.record;
+                int32_t pos[QRZ_SQ_MAX_GROUP], high[QRZ_SQ_MAX_GROUP];
+                qrz_sq_slots(record, k, v.pos_bits, v.record, pos, high);
                 __m256i s32[4];
                 int4_group_sums(mant + g * 16 * rpg, xg, K, rpg, RPG > 0 ? RPG : 0, NT, s32);
                 for (int t = 0; t < NT; t++) {
                     int32_t extra = 0;
-                    for (int32_t s = 0; s < k; s++) extra += (int8_t)sl[2 * s + 1] * xg[t * K + sl[2 * s]];
+                    for (int32_t s = 0; s < k; s++) extra += high[s] * xg[t * K + pos[s]];
                     s32[t] = _mm256_add_epi32(s32[t], _mm256_setr_epi32(extra, 0, 0, 0, 0, 0, 0, 0));
                     acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + 8 * t + j), _mm256_cvtepi32_ps(s32[t]), acc[t]);
                 }

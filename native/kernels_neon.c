@@ -232,13 +232,13 @@ QRZ_INLINE void q8_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot) {
 }
 
 /* INT4 and SQ weights x Q8_GROUP, Q4_GROUP or SQ4_GROUP activations (int8 lanes within +-127, one scale per
- * group): the nibble sums (as Q8, with the nibble plane), plus for SQ each group's k slots (v * x[pos], scalar: k
- * is a few per group; a weight row's slots are read once for the tile's activation rows) added into the lane's
+ * group): the nibble sums (as Q8, with the nibble plane), plus for SQ each group's k slots (16 h * x[pos], scalar:
+ * k is a few per group; a weight row's slots are read once for the tile's activation rows) added into the lane's
  * int32 total before its one float multiply-add, so every lane is the scalar kernel's integer sum and float
- * expression. |q| <= 8 and |v| <= 127 against |x| <= 127 over at most 256 + 256 terms keep the total within int32
- * (and within float's exact integers). INT4 is the case k = 0. */
+ * expression. |q| <= 8 and |16 h| <= 128 against |x| <= 127 over at most 256 + 256 terms keep the total within
+ * int32 (and within float's exact integers). INT4 is the case k = 0. */
 QRZ_INLINE void nib4_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot, const uint8_t *codes, const uint16_t *scales,
-                          const uint8_t *slots, int32_t k) {
+                          const uint8_t *slots, int32_t k, int32_t pos_bits, int32_t record) {
     const int32_t G = w->group;
     const int64_t K = w->cols, ng = K / G;
     const uint8_t *wm[4], *ws[4];
@@ -248,7 +248,7 @@ QRZ_INLINE void nib4_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot, const uint8
     for (int a = 0; a < NW; a++) {
         wm[a] = codes + (r + a) * (K / 2);
         wd[a] = scales + (r + a) * ng;
-        ws[a] = slots ? slots + (uint64_t)(r + a) * ng * k * 2 : NULL;
+        ws[a] = slots ? slots + (uint64_t)(r + a) * ng * record : NULL;
     }
     for (int b = 0; b < NX; b++) { xq[b] = x->q + (i + b) * K; xd[b] = x->d + (i + b) * ng; }
     float32x4_t facc = vdupq_n_f32(0.0f);
@@ -258,12 +258,10 @@ QRZ_INLINE void nib4_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot, const uint8
         nib_dot(wm, xq, NW, NX, g * G, g * G + G, NULL, dot, acc);
         int32_t slot_sums[4] = {0, 0, 0, 0};
         for (int a = 0; a < NW && k; a++) {
-            const uint8_t *sl = ws[a] + (uint64_t)g * k * 2;
-            for (int32_t s = 0; s < k; s++) {
-                const int64_t c = g * G + sl[2 * s];
-                const int32_t val = (int8_t)sl[2 * s + 1];
-                for (int b = 0; b < NX; b++) slot_sums[a * NX + b] += val * xq[b][c];
-            }
+            int32_t pos[QRZ_SQ_MAX_GROUP], high[QRZ_SQ_MAX_GROUP];
+            qrz_sq_slots(ws[a] + (uint64_t)g * record, k, pos_bits, record, pos, high);
+            for (int32_t s = 0; s < k; s++)
+                for (int b = 0; b < NX; b++) slot_sums[a * NX + b] += high[s] * xq[b][g * G + pos[s]];
         }
         const int32x4_t sums = vaddq_s32(lane_totals(acc, NW * NX), vld1q_s32(slot_sums));
         float sc[4] = {0, 0, 0, 0};
@@ -277,12 +275,12 @@ QRZ_INLINE void nib4_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot, const uint8
 QRZ_INLINE void int4_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot) {
     const uint16_t *scales = (const uint16_t *)w->data;
     const uint8_t *mant = (const uint8_t *)w->data + align64((uint64_t)w->rows * (w->cols / w->group) * 2);
-    nib4_tile(w, x, r, i, y, ldy, NW, NX, dot, mant, scales, NULL, 0);
+    nib4_tile(w, x, r, i, y, ldy, NW, NX, dot, mant, scales, NULL, 0, 0, 0);
 }
 
 QRZ_INLINE void sq_tile(TILE_PARAMS, int NW, int NX, dot16_fn dot) {
     const qrz_sq_view v = qrz_sq_split(w->data, w->rows, w->cols, w->group);
-    nib4_tile(w, x, r, i, y, ldy, NW, NX, dot, v.codes, v.d, v.slots, v.k);
+    nib4_tile(w, x, r, i, y, ldy, NW, NX, dot, v.codes, v.d, v.slots, v.k, v.pos_bits, v.record);
 }
 
 /* FP4 weights x Q8_GROUP or FP4 activations (int8 lanes within +-127; one scale per group, or per row for FP4 in

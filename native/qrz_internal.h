@@ -151,21 +151,63 @@ typedef struct {
     const uint8_t *codes;         /* [rows][cols/2] nibble plane of codes */
 } qrz_fp4_view;
 qrz_fp4_view qrz_fp4_split(const uint8_t *data, int64_t rows, int64_t cols, int32_t group);
-/* SQ (docs/FORMAT.md): a 64-byte header (u16 k slots per group, u16 0, u32 hot channels, f32 cold clipping), the
- * hot plane, the f16 scale plane, the slot plane of (u8 position, i8 value) pairs, the nibble plane;
- * w = d * (q + slot values) */
+/* SQ (docs/FORMAT.md): a 64-byte header (u16 k slots per group, u16 cold grid, u32 hot channels, f32 cold clipping,
+ * u16 slot layout), the hot plane, the f16 scale plane, the slot plane, the nibble plane.
+ * A slot is `pos_bits` bits of position in the group and a 4-bit signed high part h; the nibble plane holds the
+ * value's low part at the slot's position, so w = d * (q + 16 h): an int8-range value costs pos_bits + 4 bits, not
+ * 16, which is what lets four slots per group of 64 stay under 5 bits per weight. */
 #define QRZ_SQ_HEADER 64
 /* the u16 at byte 2 of an SQ header: the grid of the cold activation channels under act="4bit" */
 #define QRZ_SQ_COLD_INT4 0
 #define QRZ_SQ_COLD_E2M1 1
+/* the u16 at byte 12: the slot plane's layout; 0 (u8 position, i8 value pairs) was written before it and is refused */
+#define QRZ_SQ_LAYOUT_PACKED 1
+#define QRZ_SQ_MAX_GROUP 256      /* so at most 256 slots per group, positions of at most 8 bits */
 typedef struct {
     int32_t k;                    /* slots per group */
     float clip;                   /* act="4bit": the cold channels' scale is clip * their max / 7 */
     const uint8_t *hot;           /* [cols] 1 = the activation channel stays 8-bit under act="4bit" */
     const uint16_t *d;            /* [rows][cols/group] f16 scales */
-    const uint8_t *slots;         /* [rows][cols/group][k][2] position in the group, int8 value */
+    const uint8_t *slots;         /* [rows][cols/group] records of `record` bytes: k slots of pos_bits + 4 bits */
     const uint8_t *codes;         /* [rows][cols/2] nibble plane */
+    int32_t pos_bits, record;     /* bits of a slot's position (those of group - 1); bytes of a group's slots */
 } qrz_sq_view;
+/* the bits of a position in a group of `group`, and the bytes of a group's k slots */
+static inline int32_t qrz_sq_pos_bits(int32_t group) {
+    int32_t b = 1;
+    while ((1 << b) < group) b++;
+    return b;
+}
+static inline int32_t qrz_sq_record(int32_t k, int32_t group) { return (k * (qrz_sq_pos_bits(group) + 4) + 7) / 8; }
+/* slot j of a group's record: its position in the group and its value's high part times 16 (the low part is the
+ * nibble at that position); reads only the record's own bytes */
+static inline int32_t qrz_sq_slot(const uint8_t *record, int32_t j, int32_t pos_bits, int32_t *pos) {
+    const uint32_t width = (uint32_t)pos_bits + 4, at = (uint32_t)j * width, first = at >> 3,
+                   last = (at + width - 1) >> 3;
+    uint32_t bits = 0;
+    for (uint32_t b = first; b <= last; b++) bits |= (uint32_t)record[b] << (8 * (b - first));
+    bits >>= at & 7;
+    *pos = (int32_t)(bits & ((1u << pos_bits) - 1));
+    const int32_t h = (int32_t)((bits >> pos_bits) & 15);
+    return 16 * (h - ((h & 8) << 1));
+}
+/* every slot of a group's record at once, as qrz_sq_slot gives them: one 64-bit read when the record fits in 8
+ * bytes (k <= 6 at a group of 64), which is what the SIMD kernels' per-group step can afford */
+static inline void qrz_sq_slots(const uint8_t *record, int32_t k, int32_t pos_bits, int32_t record_bytes,
+                                int32_t *pos, int32_t *high) {
+    if (record_bytes > 8) {
+        for (int32_t j = 0; j < k; j++) high[j] = qrz_sq_slot(record, j, pos_bits, pos + j);
+        return;
+    }
+    uint64_t bits = 0;
+    for (int32_t b = 0; b < record_bytes; b++) bits |= (uint64_t)record[b] << (8 * b);
+    const uint64_t pos_mask = (1u << pos_bits) - 1;
+    for (int32_t j = 0; j < k; j++, bits >>= pos_bits + 4) {
+        pos[j] = (int32_t)(bits & pos_mask);
+        const int32_t h = (int32_t)((bits >> pos_bits) & 15);
+        high[j] = 16 * (h - ((h & 8) << 1));
+    }
+}
 qrz_sq_view qrz_sq_split(const uint8_t *data, int64_t rows, int64_t cols, int32_t group);
 void qrz_types_init(void);        /* fills the SIMD columns of qrz_types for this build */
 /* the activation path (0 or 1) a weight type uses when the context asks for act_bits */

@@ -211,16 +211,17 @@ static void int4_dequant_row(const qrz_weight *w, int64_t r, float *out) {
     for (int64_t c = 0; c < w->cols; c++) out[c] = qrz_f16_to_f32(d[c / w->group]) * (float)nibble_at(mant, c);
 }
 
-/* INT4 and SQ: codes (nibble plane), f16 scales and, for SQ, k slots per group; INT4 is the case k = 0 */
+/* INT4 and SQ: codes (nibble plane), f16 scales and, for SQ, k slots per group (records of `record` bytes);
+ * INT4 is the case k = 0 */
 typedef struct {
     const uint16_t *d;
     const uint8_t *codes, *slots;
-    int32_t k;
+    int32_t k, pos_bits, record;
 } nib4_planes;
 
 /* activations int8 or int4 per group (Q8_GROUP / Q4_GROUP / SQ4_GROUP): one int32 sum per group of the dense codes
- * and the group's slots (|q| <= 8 and |v| <= 127 against |x| <= 127 over at most 256 + 256 terms for SQ: within
- * int32), one float multiply-add per group */
+ * and the group's slots (|q| <= 8 and |16 h| <= 128 against |x| <= 127 over at most 256 + 256 terms for SQ:
+ * within int32), one float multiply-add per group */
 static void nib4_matmul_scalar(const qrz_weight *w, nib4_planes p, const qrz_acts *x, int64_t r0, int64_t r1,
                                float *y, int64_t ldy) {
     const int32_t G = w->group;
@@ -235,9 +236,11 @@ static void nib4_matmul_scalar(const qrz_weight *w, nib4_planes p, const qrz_act
             for (int64_t g = 0; g < ng; g++) {
                 int32_t sum = 0;
                 for (int32_t k = 0; k < G; k++) sum += nibble_at(codes, g * G + k) * xq[g * G + k];
+                const uint8_t *record = p.slots + ((uint64_t)r * ng + g) * (uint64_t)p.record;
                 for (int32_t j = 0; j < p.k; j++) {
-                    const uint8_t *s = p.slots + (((uint64_t)r * ng + g) * p.k + j) * 2;
-                    sum += (int8_t)s[1] * xq[g * G + s[0]];
+                    int32_t pos;
+                    const int32_t high = qrz_sq_slot(record, j, p.pos_bits, &pos);
+                    sum += high * xq[g * G + pos];
                 }
                 acc += qrz_f16_to_f32(wd[g]) * xd[g] * (float)sum;
             }
@@ -247,7 +250,7 @@ static void nib4_matmul_scalar(const qrz_weight *w, nib4_planes p, const qrz_act
 }
 
 static void int4_matmul_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y, int64_t ldy) {
-    nib4_matmul_scalar(w, (nib4_planes){(const uint16_t *)w->data, int4_mant(w), NULL, 0}, x, r0, r1, y, ldy);
+    nib4_matmul_scalar(w, (nib4_planes){(const uint16_t *)w->data, int4_mant(w), NULL, 0, 0, 0}, x, r0, r1, y, ldy);
 }
 
 /* ---- FP4 (LLM-FP4): header, activation offsets, f16 group scales, codes; value d * lut[code] ---- */
@@ -325,8 +328,7 @@ static void fp4_matmul_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0
     }
 }
 
-/* ---- SQ-format: INT4 groups holding k int8 slots each (position, value in the group's unit) ---- */
-#define SQ_MAX_GROUP 256          /* slot positions are bytes */
+/* ---- SQ-format: INT4 groups holding k slots each (position, the value's high part; its low part is the nibble) ---- */
 
 static uint64_t sq_nbytes(int64_t rows, int64_t cols, int32_t group) {
     (void)rows; (void)cols; (void)group;
@@ -334,29 +336,38 @@ static uint64_t sq_nbytes(int64_t rows, int64_t cols, int32_t group) {
 }
 
 static uint64_t sq_nbytes_head(const uint8_t *head, int64_t rows, int64_t cols, int32_t group) {
-    if (!nibble_shape_ok(cols, group, SQ_MAX_GROUP) || group % 32) return 0;
-    uint16_t k;
+    if (!nibble_shape_ok(cols, group, QRZ_SQ_MAX_GROUP) || group % 32) return 0;
+    uint16_t k, layout;
     memcpy(&k, head, 2);
+    memcpy(&layout, head + 12, 2);
     if (k > group) return 0;
     const uint64_t ng = (uint64_t)rows * (uint64_t)(cols / group);
+    /* the earlier layout's size (2 bytes a slot), so such a file passes the size check and sq_check can say why
+     * it is refused */
+    const uint64_t record = layout == 0 ? 2u * k : (uint64_t)qrz_sq_record(k, group);
     return QRZ_SQ_HEADER + align_up((uint64_t)cols, QRZ_ALIGN) + align_up(ng * 2, QRZ_ALIGN) +
-           align_up(ng * k * 2, QRZ_ALIGN) + (uint64_t)rows * (uint64_t)cols / 2;
+           align_up(ng * record, QRZ_ALIGN) + (uint64_t)rows * (uint64_t)cols / 2;
 }
 
 qrz_sq_view qrz_sq_split(const uint8_t *data, int64_t rows, int64_t cols, int32_t group) {
     uint16_t k;
     memcpy(&k, data, 2);
     const uint64_t ng = (uint64_t)rows * (uint64_t)(cols / group);
-    qrz_sq_view v = {k, 1.0f, data + QRZ_SQ_HEADER, NULL, NULL, NULL};
+    qrz_sq_view v = {k, 1.0f, data + QRZ_SQ_HEADER, NULL, NULL, NULL, qrz_sq_pos_bits(group), qrz_sq_record(k, group)};
     memcpy(&v.clip, data + 8, 4);
     v.d = (const uint16_t *)(v.hot + align_up((uint64_t)cols, QRZ_ALIGN));
     v.slots = (const uint8_t *)v.d + align_up(ng * 2, QRZ_ALIGN);
-    v.codes = v.slots + align_up(ng * k * 2, QRZ_ALIGN);
+    v.codes = v.slots + align_up(ng * (uint64_t)v.record, QRZ_ALIGN);
     return v;
 }
 
 static const char *sq_check(const qrz_weight *w) {
     const qrz_sq_view v = qrz_sq_split(w->data, w->rows, w->cols, w->group);
+    uint16_t layout;
+    memcpy(&layout, (const uint8_t *)w->data + 12, 2);
+    if (layout == 0)
+        return "an SQ tensor in the slot layout of earlier converters (pairs of position and value)";
+    if (layout != QRZ_SQ_LAYOUT_PACKED) return "an SQ slot layout other than 1";
     uint32_t n_hot, counted = 0;
     memcpy(&n_hot, (const uint8_t *)w->data + 4, 4);
     for (int64_t c = 0; c < w->cols; c++) {
@@ -368,11 +379,13 @@ static const char *sq_check(const qrz_weight *w) {
     uint16_t grid;
     memcpy(&grid, (const uint8_t *)w->data + 2, 2);
     if (grid > QRZ_SQ_COLD_E2M1) return "an SQ cold-activation grid other than 0 (int4) or 1 (E2M1)";
-    const uint64_t n = (uint64_t)w->rows * (uint64_t)(w->cols / w->group) * (uint64_t)v.k;
-    for (uint64_t s = 0; s < n; s++) {
-        if (v.slots[2 * s] >= w->group) return "an SQ slot position outside its group";
-        if ((int8_t)v.slots[2 * s + 1] == -128) return "an SQ slot value of -128 (values are -127..127)";
-    }
+    const uint64_t n = (uint64_t)w->rows * (uint64_t)(w->cols / w->group);
+    for (uint64_t g = 0; g < n; g++)
+        for (int32_t j = 0; j < v.k; j++) {
+            int32_t pos;
+            qrz_sq_slot(v.slots + g * (uint64_t)v.record, j, v.pos_bits, &pos);
+            if (pos >= w->group) return "an SQ slot position outside its group";
+        }
     return NULL;
 }
 
@@ -382,10 +395,14 @@ static void sq_dequant_row(const qrz_weight *w, int64_t r, float *out) {
     const int64_t ng = w->cols / G;
     const uint8_t *codes = v.codes + r * (w->cols / 2);
     for (int64_t g = 0; g < ng; g++) {
-        int32_t u[SQ_MAX_GROUP];
+        int32_t u[QRZ_SQ_MAX_GROUP];
         for (int32_t k = 0; k < G; k++) u[k] = nibble_at(codes, g * G + k);
-        const uint8_t *s = v.slots + ((uint64_t)r * ng + g) * v.k * 2;
-        for (int32_t j = 0; j < v.k; j++) u[s[2 * j]] += (int8_t)s[2 * j + 1];
+        const uint8_t *record = v.slots + ((uint64_t)r * ng + g) * (uint64_t)v.record;
+        for (int32_t j = 0; j < v.k; j++) {
+            int32_t pos;
+            const int32_t high = qrz_sq_slot(record, j, v.pos_bits, &pos);
+            u[pos] += high;
+        }
         const float d = qrz_f16_to_f32(v.d[r * ng + g]);
         for (int32_t k = 0; k < G; k++) out[g * G + k] = d * (float)u[k];
     }
@@ -393,7 +410,7 @@ static void sq_dequant_row(const qrz_weight *w, int64_t r, float *out) {
 
 static void sq_matmul_scalar(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y, int64_t ldy) {
     const qrz_sq_view v = qrz_sq_split(w->data, w->rows, w->cols, w->group);
-    nib4_matmul_scalar(w, (nib4_planes){v.d, v.codes, v.slots, v.k}, x, r0, r1, y, ldy);
+    nib4_matmul_scalar(w, (nib4_planes){v.d, v.codes, v.slots, v.k, v.pos_bits, v.record}, x, r0, r1, y, ldy);
 }
 
 /* ---- activation quantizers (docs/QUANTIZATION.md); the reference for any SIMD version ---- */

@@ -416,8 +416,13 @@ def _assert_runtime_computes(path, act, ref):
         want = ref(torch.tensor([ids])).logits[0].numpy()
     for isa in ["scalar"] + (["avx2"] if pyqrt.isa_supported("avx2") else []):
         got = pyqrt.load(path, threads=2, isa=isa, batch=16, act=act).logits(ids)
-        err = np.abs(got - want).max() / np.abs(want).max()
-        assert err < 1e-2, (isa, err)   # measured: below 3e-3; a wrong activation form or format gives 0.4-0.6
+        err = np.abs(got - want).max(axis=1) / np.abs(want).max()
+        # measured: below 3e-3 at every position but, now and then, one: an activation within an ulp of a rounding
+        # boundary, which the ISAs' float orders send to different codes, moves that position's logits by about 1%
+        # (a calibrated SQ model with four slots per 64 weights: 0.011 at 1 of 57 positions on the scalar path, the
+        # AVX2 path exact; the positions after it are exact, so it is position-local). A wrong activation form or
+        # format gives 0.4-0.6 everywhere.
+        assert np.sum(err >= 1e-2) <= 1 and err.max() < 5e-2, (isa, np.sort(err)[-3:])
         assert np.mean(got.argmax(1) == want.argmax(1)) > 0.9
 
 

@@ -275,12 +275,13 @@ def test_fp4_header_out_of_range_is_refused(tmp_path, at, value, why):
 
 
 @pytest.mark.parametrize("at,why", [(None, None), ("k", "bytes recorded"), ("hot", "hot-channel flag"),
-                                    ("count", "hot-channel count"), ("pos", "slot position"),
-                                    ("value", "slot value"), ("clip", "activation clipping")])
+                                    ("count", "hot-channel count"), ("old", "slot layout of earlier converters"),
+                                    ("layout", "slot layout other"), ("clip", "activation clipping")])
 def test_sq_header_and_slots_out_of_range_are_refused(tmp_path, at, why):
-    """a file with valid checksums whose SQ header claims another slot count (so its size disagrees), or whose
-    hot plane, hot count, slot positions or slot values leave the format's ranges, is refused at load; the
-    unedited file loads"""
+    """a file with valid checksums whose SQ header claims another slot count (so its size disagrees), the slot
+    layout of earlier converters (or an unknown one), or whose hot plane, hot count or clipping leave the format's
+    ranges, is refused at load; the unedited file loads. (At group 32 every 5-bit slot position is inside the
+    group; positions past a group of 96 are refused in tests/test_sq.py.)"""
     from convert.formats import sq
     hf = make_tiny_llama(tmp_path / "hf")
     calib = tmp_path / "calib.txt"
@@ -289,8 +290,6 @@ def test_sq_header_and_slots_out_of_range_are_refused(tmp_path, at, why):
                       calib_tokens=256))
     name = "model.layers.1.self_attn.o_proj.weight"
     t = next(t for t in pyqrt.open_file(src).tensors if t["name"] == name)
-    rows, cols = t["shape"]
-    slot0 = sq.HEADER_BYTES + sq.align64(cols) + sq.align64(rows * (cols // 32) * 2)
 
     def edit(tname, data):
         if tname != name or at is None:
@@ -301,12 +300,12 @@ def test_sq_header_and_slots_out_of_range_are_refused(tmp_path, at, why):
             data[sq.HEADER_BYTES + 3] = 2
         elif at == "count":
             data[4] ^= 1
-        elif at == "pos":
-            data[slot0] = 32
-        elif at == "clip":
-            data[8:12] = struct.pack("<f", 1.25)
+        elif at == "old":
+            data[12:14] = struct.pack("<H", 0)
+        elif at == "layout":
+            data[12:14] = struct.pack("<H", 2)
         else:
-            data[slot0 + 1] = 0x80
+            data[8:12] = struct.pack("<f", 1.25)
     path = _rewrite(src, tmp_path / "edited.qrz", edit_tensor=edit)
     if at is None:
         pyqrt.load(path, act="4bit").logits([1, 2, 3])

@@ -213,22 +213,23 @@ def _encode(type_name, wkind, w, group, rng):
         k = int(k)
         if how == "raw":     # random scales, codes, slots and hot channels straight into the layout
             d16 = (rng.random((rows, ng)) * 2 - 0.5).astype(np.float16)
-            q = rng.integers(-8, 8, (rows, cols)).astype(np.int8)
+            codes = rng.integers(-8, 8, (rows, ng, group))
             pos = rng.integers(0, group, (rows, ng, k)).astype(np.uint8)
             if k >= 2:       # half the groups with two slots on one position (the format adds their values)
                 pos[:, :, 1] = np.where(rng.random((rows, ng)) < 0.5, pos[:, :, 0], pos[:, :, 1])
-            vals = rng.integers(-127, 128, (rows, ng, k)).astype(np.int8)
-            buf = sq_format.pack(d16, q, pos, vals, (rng.random(cols) < 0.1).astype(np.uint8),
-                                 float(rng.choice([1.0, 0.9, 0.75])), int(rng.integers(0, 2)))
-        elif how in ("max", "min"):   # every code and slot value at an extreme, the slots on hot channels (many on
-            # one position when k is large): against "max" / "hotmax" activations the largest positive (max: -8 and
-            # -127) or negative (min: 7 and +127) group sums
+            high = rng.integers(-8, 8, (rows, ng, k))
+            buf = sq_format.pack_stored(d16, codes, high, pos, (rng.random(cols) < 0.1).astype(np.uint8),
+                                        float(rng.choice([1.0, 0.9, 0.75])), int(rng.integers(0, 2)))
+        elif how in ("max", "min"):   # every code and slot high part at an extreme, the slots on hot channels (many
+            # on one position when k is large): against "max" / "hotmax" activations the largest positive (max: -8
+            # and 16 * -8) or negative (min: 7 and 16 * 7) group sums
             hot = np.zeros(cols, np.uint8)
             hot[3::8] = 1
             pos = rng.choice(np.arange(3, group, 8), (rows, ng, k)).astype(np.uint8)
-            q = np.full((rows, cols), -8 if how == "max" else 7, np.int8)
-            vals = np.full((rows, ng, k), -127 if how == "max" else 127, np.int8)
-            buf = sq_format.pack(np.ones((rows, ng), np.float16), q, pos, vals, hot, 1.0, int(rng.integers(0, 2)))
+            codes = np.full((rows, ng, group), -8 if how == "max" else 7)
+            high = np.full((rows, ng, k), -8 if how == "max" else 7)
+            buf = sq_format.pack_stored(np.ones((rows, ng), np.float16), codes, high, pos, hot, 1.0,
+                                        int(rng.integers(0, 2)))
         else:                # the converter's output, calibrated on sample rows with a few loud channels
             samples = rng.standard_normal((16, cols)).astype(np.float32)
             samples[:, rng.integers(0, cols, max(1, cols // 32))] *= 30
@@ -430,7 +431,7 @@ def _matmul_specs():
                     xk = x_max if how in ("max", "min") else xkinds[(j + step) % 5]
                     specs.append(("sq", group, act_bits, rows, cols, n, f"{how}-k{k}", xk))
                 step += 1
-    # SQ largest sums over long rows: G slots per group at -127 (or +127) on top of the extreme codes
+    # SQ largest sums over long rows: G slots per group at 16 * -8 (or 16 * 7) on top of the extreme codes
     for group in (32, 256):
         for act_bits in (8, 4):
             x_max = "max" if act_bits == 8 else "hotmax"

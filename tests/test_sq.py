@@ -12,16 +12,17 @@ TYPE = lib.QRZ_TYPE_SQ
 
 
 def _sq_bytes(rng, rows, cols, group, k, n_hot=0, d=None, clip=1.0, grid=None):
-    """SQ bytes from random codes, slots (positions anywhere in the group, duplicates included), hot channels and
-    cold activation grid (random when None): all of the format, not only what the converter writes"""
+    """SQ bytes from random stored codes, slots (positions anywhere in the group, duplicates included, any high
+    part), hot channels and cold activation grid (random when None): all of the format, not only what the
+    converter writes"""
     ng = cols // group
     d = rng.uniform(0.01, 2.0, (rows, ng)).astype(np.float16) if d is None else d
-    q = rng.integers(-8, 8, (rows, cols)).astype(np.int8)
+    codes = rng.integers(-8, 8, (rows, ng, group))
     pos = rng.integers(0, group, (rows, ng, k)).astype(np.uint8)
-    vals = rng.integers(-127, 128, (rows, ng, k)).astype(np.int8)
+    high = rng.integers(-8, 8, (rows, ng, k))
     hot = np.zeros(cols, np.uint8)
     hot[rng.choice(cols, n_hot, replace=False)] = 1
-    return sq.pack(d, q, pos, vals, hot, clip, int(rng.integers(0, 2)) if grid is None else grid)
+    return sq.pack_stored(d, codes, high, pos, hot, clip, int(rng.integers(0, 2)) if grid is None else grid)
 
 
 def sq_reference(wbytes, rows, cols, group, x, act_bits):
@@ -90,14 +91,16 @@ def test_sq_simd_matches_scalar(act_bits, group, k, rows, cols, n):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("act_bits", [8, 4])
 def test_sq_largest_sums(isa, act_bits):
-    """every dense code -8, every slot +-127 on hot channels at their extreme: the int16 pair sums of the SIMD
-    kernels and the int32 group sums reach their bounds and stay exact"""
+    """every dense code -8, every slot at SLOT_MIN or SLOT_MAX on hot channels at their extreme: the int16 pair
+    sums of the SIMD kernels and the int32 group sums reach their bounds and stay exact"""
     rows, cols, group, k = 3, 2048, 256, 16
     ng = cols // group
-    q = np.full((rows, cols), -8, np.int8)
     pos = np.tile(np.arange(0, group, group // k, dtype=np.uint8), (rows, ng, 1))
-    vals = np.full((rows, ng, k), 127, np.int8)
-    vals[1] = -127
+    q = np.full((rows, ng, group), -8, np.int8)
+    np.put_along_axis(q, pos.astype(np.int64), 0, axis=2)
+    q = q.reshape(rows, cols)
+    vals = np.full((rows, ng, k), sq.SLOT_MIN, np.int16)
+    vals[1] = sq.SLOT_MAX
     hot = np.zeros(cols, np.uint8)
     hot[(np.arange(ng)[:, None] * group + pos[0, 0][None, :]).reshape(-1)] = 1
     wbytes = sq.pack(np.ones((rows, ng), np.float16), q, pos, vals, hot)
@@ -159,7 +162,7 @@ def test_sq_act_twin_matches_the_c_quantizer():
 
 def test_sq_pack_round_trip_and_dequant_row():
     rng = np.random.default_rng(6)
-    for group, k in ((32, 1), (64, 2), (96, 0), (256, 5)):
+    for group, k in ((32, 1), (64, 2), (64, 4), (96, 0), (96, 3), (256, 5)):
         rows, cols = 5, 2 * max(group, 96)
         cols -= cols % group
         wbytes = _sq_bytes(rng, rows, cols, group, k, n_hot=3, clip=0.85)
@@ -167,11 +170,34 @@ def test_sq_pack_round_trip_and_dequant_row():
             TYPE, rows, cols, group, _native.ffi.from_buffer(wbytes))
         assert lib.qrz_tensor_nbytes(TYPE, rows, cols, group) == 0          # the size is in the header
         p = sq.unpack(wbytes, rows, cols, group)
-        again = sq.pack(p["d16"], p["q"], p["pos"], p["vals"], p["hot"], p["clip"], p["grid"])
+        again = sq.pack_stored(p["d16"], p["codes"], p["high"], p["pos"], p["hot"], p["clip"], p["grid"])
         np.testing.assert_array_equal(again, wbytes)
         want = sq.dequantize(wbytes, rows, cols, group)
         for r in range(rows):
             np.testing.assert_array_equal(_native.kernel_dequant_row(TYPE, group, wbytes, rows, cols, r), want[r])
+        # what the converter writes (one slot per position, q = 0 there) round-trips through its parts too
+        w = rng.standard_t(3, (rows, cols)).astype(np.float32)
+        wbytes = sq.quantize(w, group, sparse=k / group)
+        p = sq.unpack(wbytes, rows, cols, group)
+        np.testing.assert_array_equal(sq.pack(p["d16"], p["q"], p["pos"], p["vals"], p["hot"], p["clip"], p["grid"]),
+                                      wbytes)
+        np.testing.assert_array_equal(sq.dequantize_parts(*sq.quantize_parts(w, group, k), group),
+                                      sq.dequantize(wbytes, rows, cols, group))
+
+
+def test_sq_slot_values_outside_the_stored_range_are_refused():
+    """a slot's value is its nibble plus 16 times a 4-bit high part: SLOT_MIN..SLOT_MAX and no further"""
+    rows, cols, group = 1, 64, 64
+    q = np.zeros((rows, cols), np.int8)
+    pos = np.zeros((rows, 1, 1), np.uint8)
+    for v, ok in ((sq.SLOT_MIN, True), (sq.SLOT_MAX, True), (sq.SLOT_MIN - 1, False), (sq.SLOT_MAX + 1, False)):
+        vals = np.full((rows, 1, 1), v, np.int16)
+        if ok:
+            p = sq.unpack(sq.pack(np.ones((rows, 1), np.float16), q, pos, vals), rows, cols, group)
+            assert p["vals"][0, 0, 0] == v and p["q"].max() == 0 and p["q"].min() == 0
+        else:
+            with pytest.raises(ValueError):
+                sq.pack(np.ones((rows, 1), np.float16), q, pos, vals)
 
 
 def test_sq_slots_are_the_most_important_weights():
@@ -222,7 +248,7 @@ def test_sq_hot_channels_lower_the_w4a4_error():
     wbytes = sq.quantize(w, group, calib=calib)
     p = sq.unpack(wbytes, rows, cols, group)
     assert p["hot"][7] == 1 and p["hot"][300] == 1
-    assert p["hot"].sum() in {m * round(cols * sq.DEFAULT_SPARSE) for m in sq.HOT_MULTIPLES}
+    assert p["hot"].sum() in {m * sq.hot_base(cols) for m in sq.HOT_MULTIPLES}
     assert p["clip"] in [np.float32(c) for c in sq.ACT_CLIPS]
     plain = sq.pack(p["d16"], p["q"], p["pos"], p["vals"])
     y = held @ sq.dequantize(wbytes, rows, cols, group).T
@@ -233,34 +259,37 @@ def test_sq_hot_channels_lower_the_w4a4_error():
 
 def test_sq_bits_per_weight_and_sparse_fraction():
     rows, cols = 896, 4864
-    assert sq.slots_for(64, sq.DEFAULT_SPARSE) == 2
-    assert sq.bits_per_weight(rows, cols, 64, 2) < 4.76
-    assert sq.bits_per_weight(rows, cols, 64, 3) > 5.0                          # past the issue's budget
+    assert sq.slots_for(64, sq.DEFAULT_SPARSE) == 3
+    assert sq.record_bytes(4, 64) == 5                                          # four slots of 6 + 4 bits
+    assert abs(sq.bits_per_weight(rows, cols, 64, 2) - 4.625) < 0.01
+    assert abs(sq.bits_per_weight(rows, cols, 64, 4) - 4.875) < 0.01
+    assert sq.bits_per_weight(rows, cols, 64, 5) > 5.0                          # past the issue's budget
     with pytest.raises(ValueError):
         sq.slots_for(64, 1.5)
     with pytest.raises(ValueError):
         sq.nbytes(4, 96, 48, 1)                                                 # not a multiple of 32
     with pytest.raises(ValueError):
-        sq.nbytes(4, 512, 512, 1)                                               # positions are bytes
+        sq.nbytes(4, 512, 512, 1)                                               # positions of at most 8 bits
 
 
 def test_sq_bad_headers_rejected():
     rng = np.random.default_rng(9)
-    rows, cols, group, k = 4, 128, 64, 2
+    rows, cols, group, k = 4, 192, 96, 2        # positions of 7 bits, so one can point past the group
     x = np.ones((1, cols), np.float32)
     good = _sq_bytes(rng, rows, cols, group, k, n_hot=2)
     assert _native.kernel_matmul("scalar", TYPE, group, good, rows, cols, x, 4).shape == (1, rows)
     p = sq.unpack(good, rows, cols, group)
-    slot_off = sq.HEADER_BYTES + 128 + 64   # header, hot plane, scale plane (4 * 2 * 2 bytes, padded)
+    slot_off = sq.HEADER_BYTES + 192 + 64   # header, hot plane, scale plane (4 * 2 * 2 bytes, padded)
+    assert p["pos"][0, 0, 0] == good[slot_off] & 0x7F
     bad = []
     b = good.copy(); b[sq.HEADER_BYTES + 1] = 2; bad.append(b)                  # a hot flag of 2
     b = good.copy(); b[4] = 3; bad.append(b)                                    # hot count disagrees
-    b = good.copy(); b[slot_off] = group; bad.append(b)                         # a position past the group
-    b = good.copy(); b[slot_off + 1] = 0x80; bad.append(b)                      # a slot value of -128
+    b = good.copy(); b[slot_off] |= 0x7F; bad.append(b)                         # a position past the group
     for clip in (0.0, 1.5, np.nan, -0.5):                                        # clippings outside (0, 1]
         b = good.copy(); b[8:12] = np.array([clip], "<f4").view(np.uint8); bad.append(b)
     b = good.copy(); b[2:4] = np.array([2], "<u2").view(np.uint8); bad.append(b)     # an unknown cold grid
-    assert p["pos"][0, 0, 0] == good[slot_off]
+    for layout in (0, 2):                                                        # the older slot layout, or none
+        b = good.copy(); b[12:14] = np.array([layout], "<u2").view(np.uint8); bad.append(b)
     for b in bad:
         for act_bits in (8, 4):
             with pytest.raises(ValueError):
@@ -305,5 +334,5 @@ def test_sq_error_feedback_lowers_the_output_error():
     d16, q, pos, vals = fed
     np.testing.assert_array_equal(d16, plain[0])
     np.testing.assert_array_equal(pos, plain[2])
-    assert q.min() >= -8 and q.max() <= 7 and vals.min() >= -127
+    assert q.min() >= -8 and q.max() <= 7 and vals.min() >= sq.SLOT_MIN and vals.max() <= sq.SLOT_MAX
     assert np.all(np.take_along_axis(q.reshape(rows, -1, group), pos.astype(np.int64), axis=2) == 0)

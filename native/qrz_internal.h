@@ -155,7 +155,7 @@ qrz_fp4_view qrz_fp4_split(const uint8_t *data, int64_t rows, int64_t cols, int3
  * u16 slot layout), the hot plane, the f16 scale plane, the slot plane, the nibble plane.
  * A slot is `pos_bits` bits of position in the group and a 4-bit signed high part h; the nibble plane holds the
  * value's low part at the slot's position, so w = d * (q + 16 h): an int8-range value costs pos_bits + 4 bits, not
- * 16, which is what lets four slots per group of 64 stay under 5 bits per weight. */
+ * 16, which is what fits three slots per group of 64 in the 4.75 bits per weight that two took. */
 #define QRZ_SQ_HEADER 64
 /* the u16 at byte 2 of an SQ header: the grid of the cold activation channels under act="4bit" */
 #define QRZ_SQ_COLD_INT4 0
@@ -179,6 +179,11 @@ static inline int32_t qrz_sq_pos_bits(int32_t group) {
     return b;
 }
 static inline int32_t qrz_sq_record(int32_t k, int32_t group) { return (k * (qrz_sq_pos_bits(group) + 4) + 7) / 8; }
+/* a slot's 4-bit two's-complement high part, times 16 */
+static inline int32_t qrz_sq_high16(uint32_t nibble) {
+    const int32_t h = (int32_t)(nibble & 15);
+    return 16 * (h - ((h & 8) << 1));
+}
 /* slot j of a group's record: its position in the group and its value's high part times 16 (the low part is the
  * nibble at that position); reads only the record's own bytes */
 static inline int32_t qrz_sq_slot(const uint8_t *record, int32_t j, int32_t pos_bits, int32_t *pos) {
@@ -188,8 +193,7 @@ static inline int32_t qrz_sq_slot(const uint8_t *record, int32_t j, int32_t pos_
     for (uint32_t b = first; b <= last; b++) bits |= (uint32_t)record[b] << (8 * (b - first));
     bits >>= at & 7;
     *pos = (int32_t)(bits & ((1u << pos_bits) - 1));
-    const int32_t h = (int32_t)((bits >> pos_bits) & 15);
-    return 16 * (h - ((h & 8) << 1));
+    return qrz_sq_high16(bits >> pos_bits);
 }
 /* every slot of a group's record at once, as qrz_sq_slot gives them: one 64-bit read when the record fits in 8
  * bytes (k <= 6 at a group of 64), which is what the SIMD kernels' per-group step can afford */
@@ -204,8 +208,7 @@ static inline void qrz_sq_slots(const uint8_t *record, int32_t k, int32_t pos_bi
     const uint64_t pos_mask = (1u << pos_bits) - 1;
     for (int32_t j = 0; j < k; j++, bits >>= pos_bits + 4) {
         pos[j] = (int32_t)(bits & pos_mask);
-        const int32_t h = (int32_t)((bits >> pos_bits) & 15);
-        high[j] = 16 * (h - ((h & 8) << 1));
+        high[j] = qrz_sq_high16((uint32_t)(bits >> pos_bits));
     }
 }
 qrz_sq_view qrz_sq_split(const uint8_t *data, int64_t rows, int64_t cols, int32_t group);

@@ -17,8 +17,8 @@ column's norm) stay 8-bit; the rest are 4-bit, on the int4 grid (-8..7) or the E
 as integers in half steps). Both share one scale per group, d = max(clip * max|cold| / top, max|hot| / 127),
 top 7 or 12, so every code is an int8 lane in the same unit and the kernel is the same integer
 multiply-accumulate. Per tensor the converter searches how many channels are hot (1/32, 1/16 or 1/8 of them,
-whatever the weights' --sparse), the cold grid and the cold clipping (1, 0.9, 0.8) by the layer's output error on calibration
-rows. Without calibration no channel is hot, the grid is int4 and clip = 1 (plain 4-bit per group). act="8bit"
+whatever the weights' --sparse), the cold grid and the cold clipping (1, 0.9, 0.8) by the layer's output error on
+calibration rows. Without calibration no channel is hot, the grid is int4 and clip = 1 (plain 4-bit per group). act="8bit"
 is int8 per group (Q8_GROUP), as for INT4.
 
 Layout (docs/FORMAT.md): a 64-byte header (u16 k, u16 cold grid, u32 the number of hot channels, f32 clip, u16
@@ -129,8 +129,8 @@ def gptq_parts(w, group, k, gram, damp=0.1, block=128, with_plain=False):
     """quantize_parts' grids (each group's scale and slot positions, chosen on the original weights), then the
     codes rounded by error feedback against the calibration inputs (GPTQ's column-by-column rounding with static
     groups, our own implementation, as sdr.gptq_parts): columns in order of decreasing input energy (diag H), each
-    rounded on its group's grid (SLOT_MIN..SLOT_MAX at a slot position, 4-bit elsewhere) and its error spread over the columns
-    not rounded yet through the Cholesky factor of H^-1. damp: added to H's diagonal as a fraction of its mean.
+    rounded on its group's grid (SLOT_MIN..SLOT_MAX at a slot position, 4-bit elsewhere) and its error spread over
+    the columns not rounded yet through the Cholesky factor of H^-1. damp: added to H's diagonal as a fraction of its mean.
     Each row keeps whichever of this and the plain rounding has the smaller output error (w - ŵ) H (w - ŵ)^T.
     -> (d16, q, pos, vals) as quantize_parts; with_plain: (those, the plain rounding's)"""
     w = np.ascontiguousarray(w, np.float32)
@@ -183,14 +183,19 @@ def gptq_parts(w, group, k, gram, damp=0.1, block=128, with_plain=False):
     return (fed, plain) if with_plain else fed
 
 
+def _plus_slots(u, pos, vals):
+    """u (rows, ng, group) with every slot's value added at its position (several slots at one position add)"""
+    u = u.copy()
+    rows, ng, k = pos.shape
+    r_idx, g_idx = np.meshgrid(np.arange(rows), np.arange(ng), indexing="ij")
+    for s in range(k):
+        np.add.at(u, (r_idx, g_idx, pos[:, :, s].astype(np.int64)), vals[:, :, s].astype(u.dtype))
+    return u
+
+
 def dequantize_parts(d16, q, pos, vals, group):
     rows, cols = q.shape
-    ng = cols // group
-    u = q.astype(np.float32).reshape(rows, ng, group).copy()
-    if pos.shape[2]:
-        r_idx, g_idx = np.meshgrid(np.arange(rows), np.arange(ng), indexing="ij")
-        for s in range(pos.shape[2]):
-            np.add.at(u, (r_idx, g_idx, pos[:, :, s].astype(np.int64)), vals[:, :, s].astype(np.float32))
+    u = _plus_slots(q.astype(np.float32).reshape(rows, cols // group, group), pos, vals)
     return (u * d16.astype(np.float32)[:, :, None]).reshape(rows, cols)
 
 
@@ -279,10 +284,7 @@ def stored_form(q, pos, vals):
     p64 = pos.astype(np.int64)
     if p64.max() >= group:
         raise ValueError(f"sq: a slot position outside its group of {group}")
-    total = codes.copy()
-    r_idx, g_idx = np.meshgrid(np.arange(rows), np.arange(ng), indexing="ij")
-    for s in range(k):
-        np.add.at(total, (r_idx, g_idx, p64[:, :, s]), np.asarray(vals[:, :, s], np.int32))
+    total = _plus_slots(codes, pos, np.asarray(vals, np.int32))
     at_slot = np.take_along_axis(total, p64, axis=2)
     if at_slot.min() < SLOT_MIN or at_slot.max() > SLOT_MAX:
         raise ValueError(f"sq: a value at a slot position outside {SLOT_MIN}..{SLOT_MAX}")
@@ -360,10 +362,7 @@ def unpack(buf, rows, cols, group):
     high = (fields >> pb) & 15
     high = high - ((high & 8) << 1)
     p64 = pos.astype(np.int64)
-    total = codes.copy()
-    r_idx, g_idx = np.meshgrid(np.arange(rows), np.arange(ng), indexing="ij")
-    for s in range(k):
-        np.add.at(total, (r_idx, g_idx, p64[:, :, s]), 16 * high[:, :, s])
+    total = _plus_slots(codes, pos, 16 * high)
     vals = np.where(_first_at_position(pos), np.take_along_axis(total, p64, axis=2), 0).astype(np.int16)
     q = codes.copy()
     np.put_along_axis(q, p64, 0, axis=2)

@@ -251,9 +251,11 @@ void qrz_context_free(qrz_context *c) {
     free(c->rope_cos); free(c->rope_sin);
     free(c->x); free(c->xb); free(c->q); free(c->k); free(c->v); free(c->att); free(c->hb); free(c->gate_tiles);
     free((void *)c->chunks_taken);
-    free(c->scores); free(c->act_q); free(c->act_d); free(c->act_e); free(c->act_sums);
-    free(c->up_q); free(c->up_d); free(c->up_e); free(c->up_sums); free(c->logits); free(c->tokens);
-    free(c->act_qu); free(c->up_qu);
+    free(c->scores); free(c->logits); free(c->tokens);
+    for (int k = 0; k < 3; k++) {
+        qrz_act_buffers *b = &c->acts[k];
+        free(b->q); free(b->d); free(b->e); free(b->sums); free(b->qu);
+    }
     free(c);
 }
 
@@ -327,24 +329,21 @@ int qrz_context_new(qrz_model *model, const qrz_context_params *p, qrz_context *
     c->chunks_taken = calloc((size_t)qrz_pool_size(c->pool), sizeof *c->chunks_taken);
     c->gate_tiles = malloc((size_t)qrz_pool_size(c->pool) * 2 * QRZ_ACTS_TILE_MAX * QRZ_ROW_BLOCK * sizeof(float));
     c->scores = malloc((size_t)qrz_pool_size(c->pool) * (c->n_ctx + c->head_dim) * sizeof(float));
-    c->act_q = malloc(B * max_cols);
-    c->act_d = malloc(B * per_row * sizeof(float));
-    c->act_e = malloc(B * per_row);
-    c->act_sums = malloc(B * per_row * sizeof(int32_t));
-    c->up_q = malloc(B * E);
-    c->up_d = malloc(B * per_row_up * sizeof(float));
-    c->up_e = malloc(B * per_row_up);
-    c->up_sums = malloc(B * per_row_up * sizeof(int32_t));
-    if (c->isa == QRZ_ISA_AVX512) {   /* only its SDR column kernel reads them */
-        c->act_qu = malloc(B * max_cols);
-        c->up_qu = malloc(B * E);
-        if (!c->act_qu || !c->up_qu) rc = rc ? rc : QRZ_ERR_MEMORY;
+    bool acts_ok = true;
+    for (int k = 0; k < 3; k++) {
+        qrz_act_buffers *b = &c->acts[k];
+        const size_t cols = k == 0 ? max_cols : E, scales = k == 0 ? per_row : per_row_up;
+        b->q = malloc(B * cols);
+        b->d = malloc(B * scales * sizeof(float));
+        b->e = malloc(B * scales);
+        b->sums = malloc(B * scales * sizeof(int32_t));
+        if (c->isa == QRZ_ISA_AVX512) b->qu = malloc(B * cols);   /* only its SDR column kernel reads them */
+        acts_ok = acts_ok && b->q && b->d && b->e && b->sums && (b->qu || c->isa != QRZ_ISA_AVX512);
     }
     c->logits = malloc((size_t)QRZ_LOGIT_ROWS * c->n_vocab * sizeof(float));
     c->tokens = malloc((size_t)c->n_ctx * sizeof(int32_t));
     if (rc || !c->pool || !c->rope_cos || !c->rope_sin || !c->x || !c->xb || !c->q || !c->k || !c->v || !c->att ||
-        !c->hb || !c->gate_tiles || !c->chunks_taken || !c->scores || !c->act_q || !c->act_d || !c->act_e ||
-        !c->act_sums || !c->up_q || !c->up_d || !c->up_e || !c->up_sums || !c->logits || !c->tokens) {
+        !c->hb || !c->gate_tiles || !c->chunks_taken || !c->scores || !acts_ok || !c->logits || !c->tokens) {
         qrz_set_error(err, cap, "out of memory allocating a context of %d tokens; pass a smaller ctx", c->n_ctx);
         rc = QRZ_ERR_MEMORY;
         goto fail;
@@ -419,35 +418,40 @@ typedef struct {
     const row_chunks *chunks;
 } matmul_job;
 
+/* rows [r0, end) of a job's matrix, in blocks of weight rows and tiles of activation rows */
+static void matmul_rows(const matmul_job *job, int64_t r0, int64_t end) {
+    /* cache blocking for prompts: a block of weight rows stays in L1/L2 while a block of activation rows
+     * streams past it, instead of every weight row meeting the whole batch. With fewer activation rows the
+     * block grows (a whole chunk when decoding) so a kernel's per-call set-up is not paid every 16 rows. */
+    const int64_t ACTS = job->acts_tile, n = job->acts.n;
+    const int64_t ROWS = QRZ_ROW_BLOCK * (QRZ_ACTS_TILE_MAX / (n < ACTS ? n : ACTS));
+    for (int64_t rb = r0; rb < end; rb += ROWS) {
+        const int64_t re = rb + ROWS < end ? rb + ROWS : end;
+        for (int64_t ib = 0; ib < n; ib += ACTS) {
+            const qrz_acts sub = qrz_acts_rows(&job->acts, ib, n - ib < ACTS ? n - ib : ACTS);
+            job->fn(job->w, &sub, rb, re, job->y + ib * job->ldy, job->ldy);
+        }
+    }
+}
+
 static void matmul_task(void *arg, int ith, int nth) {
     const matmul_job *job = arg;
-    /* cache blocking for prompts: a block of weight rows stays in L1/L2 while a block of activation rows
-     * streams past it, instead of every weight row meeting the whole batch */
-    const int64_t ROWS = QRZ_ROW_BLOCK, ACTS = job->acts_tile, n = job->acts.n;
     int64_t r0, end;
-    while (row_chunks_take(job->chunks, ith, &r0, &end))
-        for (int64_t rb = r0; rb < end; rb += ROWS) {
-            const int64_t re = rb + ROWS < end ? rb + ROWS : end;
-            for (int64_t ib = 0; ib < n; ib += ACTS) {
-                const qrz_acts sub = qrz_acts_rows(&job->acts, ib, n - ib < ACTS ? n - ib : ACTS);
-                job->fn(job->w, &sub, rb, re, job->y + ib * job->ldy, job->ldy);
-            }
-        }
+    while (row_chunks_take(job->chunks, ith, &r0, &end)) matmul_rows(job, r0, end);
 }
 
 /* activation rows per kernel call: AVX-512's column kernels repack each weight group once per call, so more rows
  * per call amortize it (128 measured 5-10% faster on prompts there; on AVX2 64 stays ahead) */
 static int64_t acts_tile(const qrz_context *c) { return c->isa == QRZ_ISA_AVX512 ? QRZ_ACTS_TILE_MAX : 64; }
 
-/* a matmul's job: its input rows x quantized into (q, d, e, sums) for w's kernels */
-static matmul_job matmul_prepare(qrz_context *c, const qrz_weight *w, const float *x, int64_t n, int8_t *q, float *d,
-                                 uint8_t *e, int32_t *sums, uint8_t *qu) {
+/* a matmul's job: its input rows x quantized into buffers b for w's kernels */
+static matmul_job matmul_prepare(qrz_context *c, const qrz_weight *w, const float *x, int64_t n, const qrz_act_buffers *b) {
     if (c->matmul_hook) c->matmul_hook(c->matmul_hook_user, w->tensor, x, n, w->cols);
     const int path = qrz_act_path(w->type, c->act_bits);
     const int kind = qrz_acts_kind_for(w, path);
     /* q + 128 only where a kernel reads it: int8 rows of a prompt (the column kernels take 8 rows or more) */
-    uint8_t *with_qu = kind == QRZ_ACTS_I8_ROW && n >= 8 ? qu : NULL;
-    matmul_job job = {w, {n, w->cols, x, kind, q, d, e, w->group, w->data, sums, with_qu},
+    uint8_t *with_qu = kind == QRZ_ACTS_I8_ROW && n >= 8 ? b->qu : NULL;
+    matmul_job job = {w, {n, w->cols, x, kind, b->q, b->d, b->e, w->group, w->data, b->sums, with_qu},
                       NULL, w->rows, qrz_matmul_for(w->type, path, c->isa), acts_tile(c), NULL};
     qrz_quantize_acts_isa(&job.acts, c->isa);
     return job;
@@ -455,11 +459,45 @@ static matmul_job matmul_prepare(qrz_context *c, const qrz_weight *w, const floa
 
 /* y[n][w->rows] = x[n][w->cols] W^T */
 static void matmul(qrz_context *c, const qrz_weight *w, const float *x, int64_t n, float *y) {
-    matmul_job job = matmul_prepare(c, w, x, n, c->act_q, c->act_d, c->act_e, c->act_sums, c->act_qu);
+    matmul_job job = matmul_prepare(c, w, x, n, &c->acts[0]);
     const row_chunks chunks = row_chunks_start(c, w->rows);
     job.y = y;
     job.chunks = &chunks;
     qrz_pool_run(c->pool, matmul_task, &job);
+}
+
+/* q, k and v of a layer read the same input: one pass of the pool over their rows as if the three matrices were
+ * stacked, instead of three passes, each with its hand-off to the workers and its wait for the last of them (in
+ * generation a pass over k or v is 128 rows, less work than the wait). */
+typedef struct {
+    matmul_job part[3];
+    int64_t end[3];      /* where each part's rows end in the stacked numbering */
+    const row_chunks *chunks;
+} stacked_job;
+
+static void stacked_task(void *arg, int ith, int nth) {
+    const stacked_job *job = arg;
+    int64_t r0, r1;
+    while (row_chunks_take(job->chunks, ith, &r0, &r1))
+        for (int p = 0, start = 0; p < 3; start = (int)job->end[p], p++) {   /* a chunk may span two parts */
+            const int64_t lo = r0 > start ? r0 : start, hi = r1 < job->end[p] ? r1 : job->end[p];
+            if (lo < hi) matmul_rows(&job->part[p], lo - start, hi - start);
+        }
+}
+
+static void matmul_qkv(qrz_context *c, const qrz_layer *L, const float *x, int64_t n) {
+    stacked_job job;
+    const qrz_weight *ws[3] = {&L->wq, &L->wk, &L->wv};
+    float *ys[3] = {c->q, c->k, c->v};
+    int64_t rows = 0;
+    for (int p = 0; p < 3; p++) {
+        job.part[p] = matmul_prepare(c, ws[p], x, n, &c->acts[p]);
+        job.part[p].y = ys[p];
+        job.end[p] = rows += ws[p]->rows;
+    }
+    const row_chunks chunks = row_chunks_start(c, rows);
+    job.chunks = &chunks;
+    qrz_pool_run(c->pool, stacked_task, &job);
 }
 
 /* ---- element-wise blocks ---- */
@@ -581,8 +619,7 @@ static void gated_task(void *arg, int ith, int nth) {
 }
 
 static void gated_up(qrz_context *c, const qrz_layer *L, const float *x, int64_t n) {
-    gated_job job = {c, matmul_prepare(c, &L->w_gate, x, n, c->act_q, c->act_d, c->act_e, c->act_sums, c->act_qu),
-                     matmul_prepare(c, &L->w_up, x, n, c->up_q, c->up_d, c->up_e, c->up_sums, c->up_qu)};
+    gated_job job = {c, matmul_prepare(c, &L->w_gate, x, n, &c->acts[0]), matmul_prepare(c, &L->w_up, x, n, &c->acts[1])};
     const row_chunks chunks = row_chunks_start(c, L->w_gate.rows);
     job.gate.chunks = &chunks;
     qrz_pool_run(c->pool, gated_task, &job);
@@ -618,9 +655,7 @@ int qrz_forward(qrz_context *c, const int32_t *tokens, int32_t n) {
         const size_t table = (size_t)(L->inv_freq == c->inv_freq ? 0 : 1) * c->n_batch * half;
         /* attention */
         for (int i = 0; i < n; i++) rmsnorm(c->xb + (size_t)i * E, c->x + (size_t)i * E, L->attn_norm, E, c->norm_eps);
-        matmul(c, &L->wq, c->xb, n, c->q);
-        matmul(c, &L->wk, c->xb, n, c->k);
-        matmul(c, &L->wv, c->xb, n, c->v);
+        matmul_qkv(c, L, c->xb, n);
         for (int i = 0; i < n; i++) {
             float *q = c->q + (size_t)i * Q, *k = c->k + (size_t)i * KV, *v = c->v + (size_t)i * KV;
             if (L->bq) for (int j = 0; j < Q; j++) q[j] += L->bq[j];

@@ -292,6 +292,15 @@ typedef struct {
     const float *inv_freq;                        /* [head_dim/2] RoPE frequencies: ctx->inv_freq or _local */
 } qrz_layer;
 
+/* where a matmul's input rows go once quantized (qrz_acts's q, d, e, sums and qu) */
+typedef struct {
+    int8_t *q;
+    float *d;
+    uint8_t *e;
+    int32_t *sums;
+    uint8_t *qu;                                  /* NULL but for I8_ROW on AVX-512 */
+} qrz_act_buffers;
+
 struct qrz_context {
     qrz_model *model;
     qrz_arch arch;
@@ -326,15 +335,11 @@ struct qrz_context {
     float *scores;                                /* [n_threads][n_ctx + head_dim] attention weights, then a
                                                    * head_dim part sum where the KV ring wraps */
     int act_bits;                                 /* 8 or 4: which activation path quantized matmuls take */
-    int8_t *act_q;                                /* [n_batch][max cols] quantized activations */
-    float *act_d;                                 /* [n_batch][max cols / min group + 1] their scales */
-    uint8_t *act_e;                               /* [n_batch][max cols / min group + 1] SDR shifts */
-    int32_t *act_sums;                            /* [n_batch][max cols / min group + 1] group sums of act_q */
-    int8_t *up_q;                                 /* [n_batch][n_embd] the up projection's input, quantized apart */
-    uint8_t *act_qu, *up_qu;                      /* NULL, or act_q and up_q + 128 (I8_ROW on AVX-512) */
-    float *up_d;                                  /* from the gate's (a format's activation form may depend on */
-    uint8_t *up_e;                                /* the tensor: SQ's hot channels) because both run in one */
-    int32_t *up_sums;                             /* pass; [n_batch][n_embd / min group + 1] for the rest */
+    /* quantized matmul inputs: acts[0] [n_batch][max cols] for every matmul; acts[1] and acts[2]
+     * [n_batch][n_embd] for the inputs quantized beside it for one pass over several matrices (up beside gate, k
+     * and v beside q), each apart because a format's activation form may depend on the tensor (FP4's offsets,
+     * SQ's hot channels). Scales, shifts and group sums hold cols / (the file's smallest group) + 1 per row. */
+    qrz_act_buffers acts[3];
     float *logits;                                /* [LOGIT_ROWS][n_vocab] */
     /* the sequence held in the KV cache */
     int32_t *tokens;                              /* [n_ctx] */

@@ -245,6 +245,8 @@ CASES_4BIT = [
     ("sdr", 32, 33, 160, 9), ("sdr", 64, 17, 640, 70), ("sdr", 128, 16, 384, 8), ("sdr", 16, 20, 512, 12),
     # SDR's column kernel at groups that end inside a run, and columns past whole spans of 256
     ("sdr", 48, 16, 480, 9), ("sdr", 80, 17, 800, 8), ("sdr", 16, 32, 1056, 16),
+    # one activation row (decoding) at G = 16: pairs of runs, and a last run alone
+    ("sdr", 16, 5, 96, 1), ("sdr", 16, 9, 896, 1), ("sdr", 16, 3, 2080, 1),
     ("int4", 16, 7, 64, 1), ("int4", 16, 33, 96, 5), ("int4", 32, 5, 64, 3), ("int4", 32, 65, 160, 7),
     ("int4", 32, 3, 576, 65), ("int4", 64, 3, 256, 33), ("int4", 256, 7, 512, 5), ("int4", 256, 1, 768, 1),
     ("int4", 48, 5, 96, 3), ("int4", 96, 3, 192, 7), ("int4", 512, 5, 1024, 3), ("int4", 320, 3, 640, 5),

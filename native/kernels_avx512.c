@@ -115,12 +115,103 @@ QRZ_AVX512_INLINE void sdr_i8_avx512_rows(const qrz_weight *w, const qrz_acts *x
     }
 }
 
-/* Fewer than AVX512_NT activation rows (decoding is one) read the weights once per row of them, so memory bounds
- * them, not the products; there the AVX2 kernel, which builds its codes with fewer instructions, measured ahead. */
+/* Two to seven activation rows take the AVX2 kernel (four rows per pass over the weights); one row, decoding,
+ * takes sdr_i8_decode_avx512 below where the group allows. The signed-weight form above costs more instructions per
+ * code than the AVX2 kernel's unsigned codes and measured behind it there. */
 static qrz_matmul_fn sdr_matmul_i8_few;
+
+/* ---- SDR x I8_ROW, one activation row (decoding): four runs per 64-byte load ----
+ * The AVX2 decoding kernel's arithmetic (sdr_i8_row_pairs) on vectors twice as wide: unsigned codes u = m + 8 into
+ * maddubs against the activations, int16 pair sums widened and shifted by one madd with 2^e per lane, 8 sum_g 2^e_g
+ * sum q taken off at the end; the same integer total. A 64-byte load holds runs 4c .. 4c + 3, one per 128-bit
+ * lane, the low nibbles of each its values 0..15 and the high ones 16..31; so the activation row is reordered once
+ * per call into, per 128 values, [0..15 | 32..47 | 64..79 | 96..111] and [16..31 | 48..63 | 80..95 | 112..127].
+ * Lane k's multipliers 2^e come from the flag bytes by a variable shift of one broadcast word: at G = 32 lane k is
+ * group 4c + k (nibble k of two flag bytes); at G = 16 its low half is group 8c + 2k and its high half 8c + 2k + 1,
+ * nibbles 2k and 2k + 1 of four flag bytes, so the two halves keep apart sums; at G = 64 lanes 0-1 and 2-3 are the
+ * two nibbles of one flag byte; from G = 128 on all four lanes are one group. Runs past the last whole four
+ * take the AVX2 kernel's per-run step. */
+#define SDR_QUADS_MAX_K 16384     /* the reordered row lives on the stack */
+
+QRZ_AVX512_INLINE void x_quads_reorder(const int8_t *x, int64_t quads, int8_t *xq4) {
+    const __m512i lo = _mm512_setr_epi64(0, 1, 4, 5, 8, 9, 12, 13), hi = _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15);
+    for (int64_t c = 0; c < quads; c++) {
+        const __m512i a = _mm512_loadu_si512(x + 128 * c), b = _mm512_loadu_si512(x + 128 * c + 64);
+        _mm512_store_si512(xq4 + 128 * c, _mm512_permutex2var_epi64(a, lo, b));
+        _mm512_store_si512(xq4 + 128 * c + 64, _mm512_permutex2var_epi64(a, hi, b));
+    }
+}
+
+/* 2^e in both int16 halves of each int32 lane (a madd operand), for e in 0..15 per lane */
+QRZ_AVX512_INLINE __m512i pow2_pairs(__m512i e) { return _mm512_sllv_epi32(_mm512_set1_epi32(0x00010001), e); }
+
+QRZ_AVX512_INLINE void sdr_i8_decode_avx512(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y) {
+    const sdr_view p = sdr_view_of(w);
+    const int32_t G = w->group;
+    const int64_t K = w->cols, ng = K / G, nq = K / 128, runs = K / 32;
+    const int8_t *xq = x->q;
+    int8_t xq4[SDR_QUADS_MAX_K] __attribute__((aligned(64)));
+    x_quads_reorder(xq, nq, xq4);
+    const __m512i low4 = _mm512_set1_epi8(15), nib15 = _mm512_set1_epi32(15);
+    /* per-lane right shifts of the broadcast flag word: G = 16 low and high halves, G = 32, G = 64 */
+    const __m512i sh16_lo = _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
+    const __m512i sh16_hi = _mm512_add_epi32(sh16_lo, _mm512_set1_epi32(4));
+    const __m512i sh32 = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
+    const __m512i sh64 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+    /* a software prefetch sixteen rows ahead (7 KB at 896 columns; at most 16 KB): a row is a short stream for the
+     * hardware prefetcher, and four rows ahead, as in the AVX2 kernel, measured 12% slower on one thread */
+    const int64_t ahead = 16 * (K / 2) < 16384 ? 16 * (K / 2) : 16384;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *flags = p.e + r * p.fb, *mant = p.m + r * (K / 2);
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t c = 0; c < nq; c++) {
+            _mm_prefetch((const char *)(mant + ahead + 64 * c), _MM_HINT_T0);
+            const __m512i v = _mm512_loadu_si512(mant + 64 * c);
+            const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            const __m512i s_lo = _mm512_maddubs_epi16(lo, _mm512_load_si512(xq4 + 128 * c));
+            const __m512i s_hi = _mm512_maddubs_epi16(hi, _mm512_load_si512(xq4 + 128 * c + 64));
+            if (G == 16) {
+                uint32_t f;
+                memcpy(&f, flags + 4 * c, 4);
+                const __m512i fv = _mm512_set1_epi32((int32_t)f);
+                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(s_lo, pow2_pairs(_mm512_and_si512(_mm512_srlv_epi32(fv, sh16_lo), nib15))));
+                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(s_hi, pow2_pairs(_mm512_and_si512(_mm512_srlv_epi32(fv, sh16_hi), nib15))));
+                continue;
+            }
+            __m512i e;
+            if (G == 32) {
+                uint16_t f;
+                memcpy(&f, flags + 2 * c, 2);
+                e = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(f), sh32), nib15);
+            } else if (G == 64) {
+                e = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(flags[c]), sh64), nib15);
+            } else {
+                e = _mm512_set1_epi32(nib_shift(flags, 4 * c / (G / 32)));
+            }
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_add_epi16(s_lo, s_hi), pow2_pairs(e)));
+        }
+        uint32_t total = (uint32_t)_mm512_reduce_add_epi32(acc);
+        for (int64_t c = 4 * nq; c < runs; c++) {   /* the last one to three runs, one at a time */
+            const __m256i s16 = _mm256_maddubs_epi16(nibu_run(mant + 16 * c), _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
+            /* lanes 0-3 values 0..15 of run c, lanes 4-7 values 16..31 */
+            const int e_lo = G == 16 ? nib_shift(flags, 2 * c) : nib_shift(flags, c / (G / 32));
+            const int e_hi = G == 16 ? nib_shift(flags, 2 * c + 1) : e_lo;
+            const __m256i pw = _mm256_setr_epi16(1 << e_lo, 1 << e_lo, 1 << e_lo, 1 << e_lo, 1 << e_lo, 1 << e_lo,
+                                                 1 << e_lo, 1 << e_lo, 1 << e_hi, 1 << e_hi, 1 << e_hi, 1 << e_hi,
+                                                 1 << e_hi, 1 << e_hi, 1 << e_hi, 1 << e_hi);
+            total += (uint32_t)hsum_i32(_mm256_madd_epi16(s16, pw));
+        }
+        total -= 8u * sdr_shifted_sums(flags, x->sums, ng);
+        y[r] = (float)(int32_t)total * (p.s[r] * x->d[0]);
+    }
+}
 
 QRZ_AVX512 static void sdr_matmul_i8_avx512(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,
                                             int64_t ldy) {
+    if (x->n == 1 && w->cols <= SDR_QUADS_MAX_K && (w->group == 16 || w->group == 32 || w->group % 64 == 0)) {
+        sdr_i8_decode_avx512(w, x, r0, r1, y);
+        return;
+    }
     /* idx[k]: for run pair k of a block of eight groups, each lane's group within the block */
     const int32_t G = w->group;
     const int pairs = G / 8 <= SDR_MAX_PAIRS_PER_BLOCK ? G / 8 : SDR_MAX_PAIRS_PER_BLOCK;
@@ -311,8 +402,100 @@ QRZ_AVX512 static void fp4_matmul_avx512(const qrz_weight *w, const qrz_acts *x,
     if (r < r1) fp4_matmul_few(w, x, r, r1, y, ldy);   /* the AVX2 kernel: the same results bit for bit */
 }
 
+/* ---- Q8 x Q8_GROUP: 64 weights per vector ----
+ * vpdpbusd multiplies unsigned by signed bytes, and AVX-512 has no byte sign instruction: the weight's sign moves
+ * onto the activation by a masked negation instead, |w| (w < 0 ? -x : x) = w x (x in -127..127 never overflows;
+ * w = -128 is 128 as an unsigned byte, still exact). At G = 32 a vector holds two groups (int32 lanes 0-7 and
+ * 8-15), from G = 64 on a group is G / 64 vectors; each group's int32 sums go to float and into a 16-lane
+ * accumulator times d_w d_x, which come sixteen groups at a time (cvtph of the f16 scales times the activation
+ * scales) and are spread over the lanes by a permute. Every activation row of a call takes the same steps in the
+ * same order, so a row's result does not depend on the batch it came in (the float order differs from the AVX2
+ * kernel's, within the tests' bound). Other group sizes take the AVX2 kernel for every row. */
+static qrz_matmul_fn q8_matmul_other;
+#define Q8_AHEAD 4096   /* software prefetch distance in bytes; the rows are one stream, but the hardware
+                         * prefetcher alone measured behind (as for SDR's decoding kernel) */
+
+QRZ_AVX512_INLINE void q8_rows_avx512(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
+                                      float *y, int64_t ldy, const int NT) {
+    const int32_t G = w->group;
+    const int64_t K = w->cols, ng = K / G;
+    const uint16_t *scales = (const uint16_t *)w->data;
+    const int8_t *quants = (const int8_t *)w->data + (((uint64_t)w->rows * ng * 2 + QRZ_ALIGN - 1) / QRZ_ALIGN) * QRZ_ALIGN;
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i pair_lanes = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *wd = scales + r * ng;
+        const int8_t *wq = quants + r * K;
+        __m512 acc[4];
+        for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+        for (int64_t g0 = 0; g0 < ng; g0 += 16) {
+            const int64_t m = ng - g0 < 16 ? ng - g0 : 16;
+            const __mmask16 in = (__mmask16)((1u << m) - 1);
+            const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, wd + g0));
+            __m512 dwx[4];
+            for (int t = 0; t < NT; t++) dwx[t] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(in, x->d + (i + t) * ng + g0));
+            if (G == 32) {
+                for (int64_t k = 0; k < m; k += 2) {   /* groups g0 + k and g0 + k + 1 (none past the last) */
+                    /* plain loads but for a last group alone: masked loads measured 2x slower on the whole head
+                     * (they seem not to train the hardware prefetcher) */
+                    const int two = k + 1 < m;
+                    const int64_t at = (g0 + k) * 32;
+                    _mm_prefetch((const char *)(wq + at + Q8_AHEAD), _MM_HINT_T1);
+                    const __m512i wv = two ? _mm512_loadu_si512(wq + at) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(wq + at)));
+                    const __m512i wa = _mm512_abs_epi8(wv);
+                    const __mmask64 neg = _mm512_movepi8_mask(wv);
+                    const __m512i lanes = _mm512_add_epi32(pair_lanes, _mm512_set1_epi32((int)k));
+                    for (int t = 0; t < NT; t++) {
+                        const int8_t *xp = x->q + (i + t) * K + at;
+                        const __m512i xv = two ? _mm512_loadu_si512(xp) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)xp));
+                        const __m512i s = _mm512_dpbusd_epi32(zero, wa, _mm512_mask_sub_epi8(xv, neg, zero, xv));
+                        acc[t] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes, dwx[t]), _mm512_cvtepi32_ps(s), acc[t]);
+                    }
+                }
+            } else {
+                for (int64_t k = 0; k < m; k++) {
+                    __m512i s[4];
+                    for (int t = 0; t < NT; t++) s[t] = zero;
+                    for (int64_t at = (g0 + k) * G, end = at + G; at < end; at += 64) {
+                        _mm_prefetch((const char *)(wq + at + Q8_AHEAD), _MM_HINT_T1);
+                        const __m512i wv = _mm512_loadu_si512(wq + at);
+                        const __m512i wa = _mm512_abs_epi8(wv);
+                        const __mmask64 neg = _mm512_movepi8_mask(wv);
+                        for (int t = 0; t < NT; t++) {
+                            const __m512i xv = _mm512_loadu_si512(x->q + (i + t) * K + at);
+                            s[t] = _mm512_dpbusd_epi32(s[t], wa, _mm512_mask_sub_epi8(xv, neg, zero, xv));
+                        }
+                    }
+                    const __m512i lane = _mm512_set1_epi32((int)k);
+                    for (int t = 0; t < NT; t++)
+                        acc[t] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lane, dwx[t]), _mm512_cvtepi32_ps(s[t]), acc[t]);
+                }
+            }
+        }
+        for (int t = 0; t < NT; t++) y[(i + t) * ldy + r] = _mm512_reduce_add_ps(acc[t]);
+    }
+}
+
+QRZ_AVX512 static void q8_matmul_avx512(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y,
+                                        int64_t ldy) {
+    if (w->group != 32 && w->group % 64 != 0) {
+        q8_matmul_other(w, x, r0, r1, y, ldy);
+        return;
+    }
+    int64_t i = 0;
+    for (; i + 4 <= x->n; i += 4) q8_rows_avx512(w, x, i, r0, r1, y, ldy, 4);
+    switch (x->n - i) {
+    case 3: q8_rows_avx512(w, x, i, r0, r1, y, ldy, 3); break;
+    case 2: q8_rows_avx512(w, x, i, r0, r1, y, ldy, 2); break;
+    case 1: q8_rows_avx512(w, x, i, r0, r1, y, ldy, 1); break;
+    default: break;
+    }
+}
+
 void qrz_register_avx512(void) {
     qrz_isa_inherit(QRZ_ISA_AVX512, QRZ_ISA_AVX2);
+    q8_matmul_other = qrz_types[QRZ_TYPE_Q8].matmul[0][QRZ_ISA_AVX2];
+    qrz_types[QRZ_TYPE_Q8].matmul[0][QRZ_ISA_AVX512] = q8_matmul_avx512;
     sdr_matmul_i8_few = qrz_types[QRZ_TYPE_SDR].matmul[0][QRZ_ISA_AVX2];
     qrz_types[QRZ_TYPE_SDR].matmul[0][QRZ_ISA_AVX512] = sdr_matmul_i8_avx512_blocks;
     fp4_matmul_few = qrz_types[QRZ_TYPE_FP4].matmul[0][QRZ_ISA_AVX2];

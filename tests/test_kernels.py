@@ -58,6 +58,9 @@ CASES = [
     ("f16", 0, 7, 37, 1), ("f16", 0, 33, 96, 5), ("f16", 0, 9, 576, 4),
     ("q8", 32, 7, 64, 1), ("q8", 32, 33, 96, 5), ("q8", 64, 16, 576, 7), ("q8", 128, 3, 256, 4),
     ("q8", 16, 5, 48, 3), ("q8", 48, 4, 96, 6), ("q8", 576, 2, 576, 1),
+    # the AVX-512 kernel's sixteen scales at a time, groups of 32 two to a vector: a last group alone, fewer than
+    # sixteen groups left, a single group
+    ("q8", 32, 5, 896, 1), ("q8", 32, 9, 1056, 6), ("q8", 64, 3, 1088, 2), ("q8", 32, 4, 32, 3),
 ]
 
 
@@ -245,8 +248,11 @@ CASES_4BIT = [
     ("sdr", 32, 33, 160, 9), ("sdr", 64, 17, 640, 70), ("sdr", 128, 16, 384, 8), ("sdr", 16, 20, 512, 12),
     # SDR's column kernel at groups that end inside a run, and columns past whole spans of 256
     ("sdr", 48, 16, 480, 9), ("sdr", 80, 17, 800, 8), ("sdr", 16, 32, 1056, 16),
-    # one activation row (decoding) at G = 16: pairs of runs, and a last run alone
-    ("sdr", 16, 5, 96, 1), ("sdr", 16, 9, 896, 1), ("sdr", 16, 3, 2080, 1),
+    # one activation row (decoding): whole fours and pairs of runs, and the runs left after them, at each group
+    # size the decoding kernels specialize (16, 32, 64, 128 and up)
+    ("sdr", 16, 5, 96, 1), ("sdr", 16, 9, 896, 1), ("sdr", 16, 3, 2080, 1), ("sdr", 32, 7, 896, 1),
+    ("sdr", 32, 5, 160, 1), ("sdr", 64, 5, 448, 1), ("sdr", 64, 3, 512, 1), ("sdr", 128, 3, 1152, 1),
+    ("sdr", 256, 2, 1280, 1),
     ("int4", 16, 7, 64, 1), ("int4", 16, 33, 96, 5), ("int4", 32, 5, 64, 3), ("int4", 32, 65, 160, 7),
     ("int4", 32, 3, 576, 65), ("int4", 64, 3, 256, 33), ("int4", 256, 7, 512, 5), ("int4", 256, 1, 768, 1),
     ("int4", 48, 5, 96, 3), ("int4", 96, 3, 192, 7), ("int4", 512, 5, 1024, 3), ("int4", 320, 3, 640, 5),

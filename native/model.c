@@ -372,9 +372,9 @@ void qrz_context_set_matmul_hook(qrz_context *c, qrz_matmul_hook fn, void *user)
 /* Rows are handed out in chunks, not split in fixed halves: on a shared machine one core is often slowed for a
  * while (another process, an interrupt), and with a fixed split the other thread then waits at the end of every
  * matmul (the profile of a 512-token prompt had the two threads spinning 13% and 9% of their time). Each thread
- * owns eight consecutive chunks (more for big matrices) and takes them in order, so its reads stay one forward stream (decoding is a read
- * of the weights, and the hardware prefetcher follows a stream); a thread that has finished its own takes what is
- * left of the others'. Chunks are multiples of 16 rows, so two threads never write one cache line of y and the
+ * owns eight consecutive chunks (more for big matrices) and takes them in order, so its reads stay one forward
+ * stream (decoding is a read of the weights, and the hardware prefetcher follows a stream); a thread that has
+ * finished its own takes what is left of the others'. Chunks are multiples of 16 rows, so two threads never write one cache line of y and the
  * AVX-512 kernels' 16-row blocks stay whole. Which thread computes a row does not change its value. */
 #define CHUNKS_PER_THREAD 8
 /* Big matrices in more chunks, each of at most this many rows: the output head (151936 rows of Qwen2.5) in sixteen
@@ -424,13 +424,18 @@ typedef struct {
     const row_chunks *chunks;
 } matmul_job;
 
+/* weight rows per kernel call for n activation rows in tiles of acts: 16 for a full tile, more for fewer, up to
+ * 2048 for one (decoding: the kernels' per-call set-up, such as reordering the activation row, is paid once per
+ * block, and a block reads its rows as one stream) */
+static int64_t weight_rows_per_call(int64_t n, int64_t acts) {
+    return QRZ_ROW_BLOCK * (QRZ_ACTS_TILE_MAX / (n < acts ? n : acts));
+}
+
 /* rows [r0, end) of a job's matrix, in blocks of weight rows and tiles of activation rows */
 static void matmul_rows(const matmul_job *job, int64_t r0, int64_t end) {
     /* cache blocking for prompts: a block of weight rows stays in L1/L2 while a block of activation rows
-     * streams past it, instead of every weight row meeting the whole batch. With fewer activation rows the
-     * block grows (a whole chunk when decoding) so a kernel's per-call set-up is not paid every 16 rows. */
-    const int64_t ACTS = job->acts_tile, n = job->acts.n;
-    const int64_t ROWS = QRZ_ROW_BLOCK * (QRZ_ACTS_TILE_MAX / (n < ACTS ? n : ACTS));
+     * streams past it, instead of every weight row meeting the whole batch */
+    const int64_t ACTS = job->acts_tile, n = job->acts.n, ROWS = weight_rows_per_call(n, ACTS);
     for (int64_t rb = r0; rb < end; rb += ROWS) {
         const int64_t re = rb + ROWS < end ? rb + ROWS : end;
         for (int64_t ib = 0; ib < n; ib += ACTS) {
@@ -485,7 +490,8 @@ static void stacked_task(void *arg, int ith, int nth) {
     const stacked_job *job = arg;
     int64_t r0, r1;
     while (row_chunks_take(job->chunks, ith, &r0, &r1))
-        for (int p = 0, start = 0; p < 3; start = (int)job->end[p], p++) {   /* a chunk may span two parts */
+        for (int p = 0; p < 3; p++) {   /* a chunk may span two parts */
+            const int64_t start = p ? job->end[p - 1] : 0;
             const int64_t lo = r0 > start ? r0 : start, hi = r1 < job->end[p] ? r1 : job->end[p];
             if (lo < hi) matmul_rows(&job->part[p], lo - start, hi - start);
         }
@@ -604,7 +610,7 @@ static void gated_task(void *arg, int ith, int nth) {
      * streams past), more for fewer activation rows, up to a whole chunk for one: decoding is a read of both
      * matrices, and switching between them every 16 rows (7 KB) kept restarting the hardware prefetcher's streams
      * (fp4 generation measured 24 against 38 tokens/s on one thread) */
-    const int64_t m_full = n < ACTS ? n : ACTS, R = QRZ_ROW_BLOCK * (QRZ_ACTS_TILE_MAX / m_full);
+    const int64_t R = weight_rows_per_call(n, ACTS);
     float *g_tile = c->gate_tiles + (size_t)ith * 2 * QRZ_ACTS_TILE_MAX * QRZ_ROW_BLOCK;
     float *u_tile = g_tile + QRZ_ACTS_TILE_MAX * QRZ_ROW_BLOCK;
     const int gelu = c->act == QRZ_ACT_GELU_TANH;

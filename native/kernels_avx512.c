@@ -174,8 +174,10 @@ QRZ_AVX512_INLINE void sdr_i8_decode_avx512(const qrz_weight *w, const qrz_acts 
                 uint32_t f;
                 memcpy(&f, flags + 4 * c, 4);
                 const __m512i fv = _mm512_set1_epi32((int32_t)f);
-                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(s_lo, pow2_pairs(_mm512_and_si512(_mm512_srlv_epi32(fv, sh16_lo), nib15))));
-                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(s_hi, pow2_pairs(_mm512_and_si512(_mm512_srlv_epi32(fv, sh16_hi), nib15))));
+                const __m512i e_lo = _mm512_and_si512(_mm512_srlv_epi32(fv, sh16_lo), nib15);
+                const __m512i e_hi = _mm512_and_si512(_mm512_srlv_epi32(fv, sh16_hi), nib15);
+                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(s_lo, pow2_pairs(e_lo)));
+                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(s_hi, pow2_pairs(e_hi)));
                 continue;
             }
             __m512i e;
@@ -192,7 +194,8 @@ QRZ_AVX512_INLINE void sdr_i8_decode_avx512(const qrz_weight *w, const qrz_acts 
         }
         uint32_t total = (uint32_t)_mm512_reduce_add_epi32(acc);
         for (int64_t c = 4 * nq; c < runs; c++) {   /* the last one to three runs, one at a time */
-            const __m256i s16 = _mm256_maddubs_epi16(nibu_run(mant + 16 * c), _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * c));
+            const __m256i s16 = _mm256_maddubs_epi16(nibu_run(mant + 16 * c), xv);
             /* lanes 0-3 values 0..15 of run c, lanes 4-7 values 16..31 */
             const int e_lo = G == 16 ? nib_shift(flags, 2 * c) : nib_shift(flags, c / (G / 32));
             const int e_hi = G == 16 ? nib_shift(flags, 2 * c + 1) : e_lo;
@@ -415,6 +418,11 @@ static qrz_matmul_fn q8_matmul_other;
 #define Q8_AHEAD 4096   /* software prefetch distance in bytes; the rows are one stream, but the hardware
                          * prefetcher alone measured behind (as for SDR's decoding kernel) */
 
+/* 32 bytes in the lower half, zeros above */
+QRZ_AVX512_INLINE __m512i load_half(const int8_t *p) {
+    return _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)p));
+}
+
 QRZ_AVX512_INLINE void q8_rows_avx512(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r0, int64_t r1,
                                       float *y, int64_t ldy, const int NT) {
     const int32_t G = w->group;
@@ -441,13 +449,13 @@ QRZ_AVX512_INLINE void q8_rows_avx512(const qrz_weight *w, const qrz_acts *x, in
                     const int two = k + 1 < m;
                     const int64_t at = (g0 + k) * 32;
                     _mm_prefetch((const char *)(wq + at + Q8_AHEAD), _MM_HINT_T1);
-                    const __m512i wv = two ? _mm512_loadu_si512(wq + at) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(wq + at)));
+                    const __m512i wv = two ? _mm512_loadu_si512(wq + at) : load_half(wq + at);
                     const __m512i wa = _mm512_abs_epi8(wv);
                     const __mmask64 neg = _mm512_movepi8_mask(wv);
                     const __m512i lanes = _mm512_add_epi32(pair_lanes, _mm512_set1_epi32((int)k));
                     for (int t = 0; t < NT; t++) {
                         const int8_t *xp = x->q + (i + t) * K + at;
-                        const __m512i xv = two ? _mm512_loadu_si512(xp) : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)xp));
+                        const __m512i xv = two ? _mm512_loadu_si512(xp) : load_half(xp);
                         const __m512i s = _mm512_dpbusd_epi32(zero, wa, _mm512_mask_sub_epi8(xv, neg, zero, xv));
                         acc[t] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes, dwx[t]), _mm512_cvtepi32_ps(s), acc[t]);
                     }

@@ -39,7 +39,8 @@ static int bind_matrix(const qrz_model *m, const char *name, int64_t rows, int64
                       (long long)rows, (long long)cols);
         return QRZ_ERR_ARCH;
     }
-    *out = (qrz_weight){(int)t->type, (int32_t)t->group_size, rows, cols, m->base + t->offset, t - m->tensors};
+    *out = (qrz_weight){(int)t->type, (int32_t)t->group_size, rows, cols, m->base + t->offset, t - m->tensors,
+                        (int64_t)t->nbytes};
     return QRZ_OK;
 }
 
@@ -385,17 +386,48 @@ typedef struct {
     atomic_int *taken;   /* [nth] chunks taken so far from each thread's own (qrz_context.chunks_taken) */
     int nth, per;        /* threads, chunks each thread owns */
     int64_t rows, size;  /* rows in all, rows per chunk */
+    const qrz_weight *next[2];   /* the next pass's matrices, whose first rows a thread prefetches when it is done */
+    int64_t next_rows;
 } row_chunks;
+
+/* how a pass over `rows` rows is cut: chunks each thread owns (*per) of *size rows */
+static void chunk_shape(int64_t rows, int nth, int *per, int64_t *size) {
+    const int64_t per_min = (rows + (int64_t)CHUNK_MAX_ROWS * nth - 1) / ((int64_t)CHUNK_MAX_ROWS * nth);
+    *per = per_min > CHUNKS_PER_THREAD ? (int)per_min : CHUNKS_PER_THREAD;
+    const int64_t s = (rows + (int64_t)*per * nth - 1) / ((int64_t)*per * nth);
+    *size = (s + QRZ_ROW_BLOCK - 1) / QRZ_ROW_BLOCK * QRZ_ROW_BLOCK;
+}
 
 static row_chunks row_chunks_start(qrz_context *c, int64_t rows) {
     const int nth = qrz_pool_size(c->pool);
-    const int64_t per_min = (rows + (int64_t)CHUNK_MAX_ROWS * nth - 1) / ((int64_t)CHUNK_MAX_ROWS * nth);
-    const int per = per_min > CHUNKS_PER_THREAD ? (int)per_min : CHUNKS_PER_THREAD;
-    int64_t size = (rows + (int64_t)per * nth - 1) / ((int64_t)per * nth);
-    size = (size + QRZ_ROW_BLOCK - 1) / QRZ_ROW_BLOCK * QRZ_ROW_BLOCK;
+    int per;
+    int64_t size;
+    chunk_shape(rows, nth, &per, &size);
     /* relaxed stores: qrz_pool_run publishes them to the workers with its release of the new task */
     for (int t = 0; t < nth; t++) atomic_store_explicit(&c->chunks_taken[t], 0, memory_order_relaxed);
-    return (row_chunks){c->chunks_taken, nth, per, rows, size};
+    return (row_chunks){c->chunks_taken, nth, per, rows, size, {c->next[0], c->next[1]}, c->next_rows};
+}
+
+/* A thread with no chunk left would wait for the others, then for the main thread's serial work (norms, RoPE,
+ * the next input's quantization), while the memory bus idles. It asks instead for the first bytes of the rows it
+ * will take first in the next pass, in its own L2. The bulk of every type is its last plane, rows one after another. */
+#define IDLE_PREFETCH_BYTES (48 << 10)
+static void prefetch_next_pass(const row_chunks *rc, int ith) {
+    if (!rc->next[0] || rc->next_rows <= 0) return;
+    int per;
+    int64_t size;
+    chunk_shape(rc->next_rows, rc->nth, &per, &size);
+    const int64_t row = (int64_t)ith * per * size;
+    for (int k = 0; k < 2 && rc->next[k]; k++) {
+        const qrz_weight *w = rc->next[k];
+        const int64_t row_bytes = w->type == QRZ_TYPE_F32 ? 4 * w->cols : w->type == QRZ_TYPE_F16 ? 2 * w->cols
+                                  : w->type == QRZ_TYPE_Q8 ? w->cols : w->cols / 2;
+        if (row >= w->rows || w->nbytes < w->rows * row_bytes) continue;
+        const uint8_t *plane = (const uint8_t *)w->data + w->nbytes - w->rows * row_bytes;
+        const int64_t bytes = (w->rows - row) * row_bytes < IDLE_PREFETCH_BYTES / 2 * (rc->next[1] ? 1 : 2)
+                              ? (w->rows - row) * row_bytes : IDLE_PREFETCH_BYTES / 2 * (rc->next[1] ? 1 : 2);
+        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(plane + row * row_bytes + b, 0, 2);
+    }
 }
 
 /* thread ith's next chunk, rows [*r0, *r1): its own first, then the others'; false when none is left */
@@ -411,6 +443,7 @@ static bool row_chunks_take(const row_chunks *rc, int ith, int64_t *r0, int64_t 
             return true;
         }
     }
+    prefetch_next_pass(rc, ith);
     return false;
 }
 
@@ -646,6 +679,15 @@ static void add_normed(float *x, float *y, const float *post_norm, int n, int E,
 }
 
 /* ---- the forward pass ---- */
+/* what the pass after the next one reads first (prefetch_next_pass): matrices a and b (or NULL), `rows` rows in all */
+static void next_pass(qrz_context *c, const qrz_weight *a, const qrz_weight *b, int64_t rows) {
+    c->next[0] = a;
+    c->next[1] = b;
+    c->next_rows = rows;
+}
+
+static int64_t qkv_rows(const qrz_layer *L) { return L->wq.rows + L->wk.rows + L->wv.rows; }
+
 int qrz_forward(qrz_context *c, const int32_t *tokens, int32_t n) {
     const int E = c->n_embd, Q = c->n_heads * c->head_dim, KV = c->n_kv_heads * c->head_dim, hd = c->head_dim,
               half = hd / 2;
@@ -667,6 +709,7 @@ int qrz_forward(qrz_context *c, const int32_t *tokens, int32_t n) {
         const size_t table = (size_t)(L->inv_freq == c->inv_freq ? 0 : 1) * c->n_batch * half;
         /* attention */
         for (int i = 0; i < n; i++) rmsnorm(c->xb + (size_t)i * E, c->x + (size_t)i * E, L->attn_norm, E, c->norm_eps);
+        next_pass(c, &L->wo, NULL, L->wo.rows);
         matmul_qkv(c, L, c->xb, n);
         for (int i = 0; i < n; i++) {
             float *q = c->q + (size_t)i * Q, *k = c->k + (size_t)i * KV, *v = c->v + (size_t)i * KV;
@@ -687,11 +730,15 @@ int qrz_forward(qrz_context *c, const int32_t *tokens, int32_t n) {
         }
         attention_job aj = {c, L, n, pos0};
         qrz_pool_run(c->pool, attention_task, &aj);
+        next_pass(c, &L->w_gate, &L->w_up, L->w_gate.rows);
         matmul(c, &L->wo, c->att, n, c->xb);
         add_normed(c->x, c->xb, L->attn_post_norm, n, E, c->norm_eps);
         /* gated MLP: down(act(gate x) * up x) */
         for (int i = 0; i < n; i++) rmsnorm(c->xb + (size_t)i * E, c->x + (size_t)i * E, L->ffn_norm, E, c->norm_eps);
+        next_pass(c, &L->w_down, NULL, L->w_down.rows);
         gated_up(c, L, c->xb, n);
+        if (l + 1 < c->n_layers) next_pass(c, &c->layers[l + 1].wq, NULL, qkv_rows(&c->layers[l + 1]));
+        else next_pass(c, &c->output, NULL, c->output.rows);
         matmul(c, &L->w_down, c->hb, n, c->xb);
         add_normed(c->x, c->xb, L->ffn_post_norm, n, E, c->norm_eps);
     }
@@ -702,6 +749,7 @@ int qrz_forward(qrz_context *c, const int32_t *tokens, int32_t n) {
 }
 
 void qrz_output_head(qrz_context *c, const float *hidden, int32_t n, float *logits) {
+    next_pass(c, &c->layers[0].wq, NULL, qkv_rows(&c->layers[0]));   /* the next token's first pass */
     matmul(c, &c->output, hidden, n, logits);
     if (c->logit_softcap > 0.0f)
         for (size_t j = 0; j < (size_t)n * c->n_vocab; j++)

@@ -86,8 +86,13 @@ const char *qrz_isa_name(int isa);
 uint32_t qrz_crc32(uint32_t crc, const void *data, size_t n);   /* zlib-compatible */
 
 /* ---- the model file ---- */
-/* verify != 0 checks every tensor's CRC (reads the whole file once). err receives a message on failure. */
-int qrz_model_open(const char *path, int verify, qrz_model **out, char *err, size_t err_cap);
+/* How qrz_model_open holds the weights: QRZ_OPEN_VERIFY checks every tensor's CRC (reads the whole file once);
+ * QRZ_OPEN_MAP maps the file (pages shared with the page cache and other processes, loaded on first touch);
+ * QRZ_OPEN_COPY reads it into this process's memory, marked for transparent huge pages; with neither, the copy
+ * where the kernel gives anonymous memory huge pages (Linux with THP "always" or "madvise"), else the mapping. */
+typedef enum { QRZ_OPEN_VERIFY = 1, QRZ_OPEN_MAP = 2, QRZ_OPEN_COPY = 4 } qrz_open_flags;
+/* flags: qrz_open_flags or'ed. err receives a message on failure. */
+int qrz_model_open(const char *path, int flags, qrz_model **out, char *err, size_t err_cap);
 void qrz_model_free(qrz_model *model);
 uint32_t qrz_model_version(const qrz_model *model);
 int64_t qrz_model_n_kv(const qrz_model *model);

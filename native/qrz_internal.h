@@ -28,8 +28,9 @@ typedef struct {
 } qrz_bytes;
 
 struct qrz_model {
-    const uint8_t *base;          /* the whole file, mmapped read-only */
+    const uint8_t *base;          /* the whole file, mapped or copied (QRZ_OPEN_*), read-only */
     uint64_t size;
+    uint64_t copied[2][2];        /* byte ranges [from, to) read into memory rather than mapped (QRZ_OPEN_COPY) */
     uint32_t version;
     int64_t n_kv;
     qrz_kv_view *kvs;             /* [n_kv] */
@@ -58,6 +59,7 @@ typedef struct {
     int64_t rows, cols;
     const void *data;             /* the tensor's bytes */
     int64_t tensor;               /* its index in the file's tensor directory (for the matmul hook) */
+    int64_t nbytes;               /* the tensor's bytes (0 where unknown) */
 } qrz_weight;
 
 /* How a matmul's input rows are quantized for its weight format's integer kernels (docs/QUANTIZATION.md). */
@@ -332,6 +334,8 @@ struct qrz_context {
     float *gate_tiles;                            /* [n_threads][2][QRZ_ACTS_TILE_MAX][QRZ_ROW_BLOCK]: a block of
                                                    * gate and up outputs before they are combined into hb */
     atomic_int *chunks_taken;                     /* [n_threads] a matmul's row chunks taken from each thread's */
+    const qrz_weight *next[2];                    /* the next pass's matrices (prefetched by idle threads), or NULL */
+    int64_t next_rows;                            /* the rows that pass hands out in chunks */
     float *scores;                                /* [n_threads][n_ctx + head_dim] attention weights, then a
                                                    * head_dim part sum where the KV ring wraps */
     int act_bits;                                 /* 8 or 4: which activation path quantized matmuls take */

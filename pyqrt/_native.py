@@ -68,10 +68,12 @@ def isa_supported(name):
 _ERR_CAP = 1024
 
 
-def model_open(path, verify):
+def model_open(path, verify, mmap=True):
+    """mmap: True maps the file, False copies it into huge-page memory, None lets the C side choose"""
     out = ffi.new("qrz_model **")
     err = ffi.new("char[]", _ERR_CAP)
-    status = lib.qrz_model_open(str(path).encode(), 1 if verify else 0, out, err, _ERR_CAP)
+    flags = (lib.QRZ_OPEN_VERIFY if verify else 0) | {True: lib.QRZ_OPEN_MAP, False: lib.QRZ_OPEN_COPY, None: 0}[mmap]
+    status = lib.qrz_model_open(str(path).encode(), flags, out, err, _ERR_CAP)
     check(status, ffi.string(err).decode("utf-8", "replace"))
     return ffi.gc(out[0], lib.qrz_model_free)
 

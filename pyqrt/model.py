@@ -26,12 +26,15 @@ SAMPLING_DEFAULTS = dict(max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, 
 class QrzFile:
     """An opened .qrz: its metadata and tensor directory. Cheap; runs nothing."""
 
-    def __init__(self, path, verify=True):
+    def __init__(self, path, verify=True, mmap=True):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no such model file: '{path}'")
+        if mmap not in (True, False, None):
+            raise ValueError(f"mmap must be True (map the file), False (copy it into memory) or None (the faster "
+                             f"where the kernel allows), got {mmap!r}")
         self.path = path
-        self._handle = _native.model_open(path, verify)
+        self._handle = _native.model_open(path, verify, mmap)
         self.metadata = _native.model_metadata(self._handle)
         self.tensors = _native.model_tensors(self._handle)
         self.version = lib.qrz_model_version(self._handle)
@@ -158,7 +161,8 @@ class Model:
     """A loaded model with its inference context (KV cache, threads). Not safe to share between threads
     without your own lock; a single call is serialized internally."""
 
-    def __init__(self, path, threads=None, ctx=None, batch=None, verify=True, isa=None, act=None, kv="f32"):
+    def __init__(self, path, threads=None, ctx=None, batch=None, verify=True, isa=None, act=None, kv="f32",
+                 mmap=None):
         threads = _int_arg("threads", threads, 1, allow_none=True)
         ctx = _int_arg("ctx", ctx, 1, allow_none=True)
         batch = _int_arg("batch", batch, 1, allow_none=True)
@@ -168,7 +172,7 @@ class Model:
             raise ValueError(f"act must be '8bit', '4bit' or None (the format's default, 8-bit), got {act!r}")
         if kv not in _native.KV_CACHE_TYPES:
             raise ValueError(f"kv must be one of {', '.join(repr(k) for k in _native.KV_CACHE_TYPES)}, got {kv!r}")
-        self.file = QrzFile(path, verify)
+        self.file = QrzFile(path, verify, mmap)
         self.metadata = self.file.metadata
         self.path = self.file.path
         fmt = self.metadata.get("quant.format")
@@ -458,8 +462,10 @@ def load(path, threads=None, ctx=None, **options):
     """Load a .qrz. threads: worker threads (default: physical cores); ctx: context length (default: the
     model's); options: batch (prompt tokens per pass), verify (check checksums, default True), isa, act ("8bit" or
     "4bit" activations for the 4-bit weight formats; default 8-bit), kv (KV cache: "f32" default, "f16", "8bit",
-    "4bit")."""
-    known = {"batch", "verify", "isa", "act", "kv"}
+    "4bit"), mmap (True: map the file, its pages shared with other processes that load it; False: read it into
+    this process's memory in transparent huge pages, which generation streams faster; default None: the copy
+    where the kernel gives huge pages (Linux), else the mapping)."""
+    known = {"batch", "verify", "isa", "act", "kv", "mmap"}
     unknown = set(options) - known
     if unknown:
         raise TypeError(f"unknown option(s) for load: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")

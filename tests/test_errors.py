@@ -162,7 +162,38 @@ def test_corrupt_tensor_data_fails_checksum(tmp_path, tiny_qrz, where):
     path = _patched(tmp_path, tiny_qrz, lambda d: d.__setitem__(at, d[at] ^ 0x01))
     _expect(path, pyqrt.FormatError, "checksum", verify=True)
     _expect(path, pyqrt.FormatError, "checksum")           # verify=True is the default
+    for mmap in (True, False):                             # checked through the mapping and in the copy alike
+        _expect(path, pyqrt.FormatError, "checksum", mmap=mmap)
     pyqrt.load(path, verify=False)   # the caller may skip the data checksums; the structure is still sound
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_qrz(tmp_path_factory):
+    """a tiny model whose token embedding spans many pages beside its own output head (a copy leaves it mapped)"""
+    d = tmp_path_factory.mktemp("wide")
+    hf = make_tiny_llama(d / "hf", vocab=2048)
+    return str(convert(hf, d / "wide-q8.qrz", fmt="q8", group_size=16, progress=False))
+
+
+def test_copied_and_mapped_weights_run_alike(wide_vocab_qrz):
+    """mmap=True (the file mapped), False (read into memory, the embedding's pages left mapped) and None (the
+    default's choice) give the same logits"""
+    ids = list(range(3, 2048, 97))
+    want = pyqrt.load(wide_vocab_qrz, threads=1, mmap=True).logits(ids)
+    for mmap in (False, None):
+        np.testing.assert_array_equal(pyqrt.load(wide_vocab_qrz, threads=1, mmap=mmap).logits(ids), want)
+    with pytest.raises(ValueError, match="mmap must be"):
+        pyqrt.load(wide_vocab_qrz, mmap="yes")
+
+
+@pytest.mark.parametrize("tensor", ["model.embed_tokens.weight", "lm_head.weight"])
+def test_copied_weights_fail_their_checksum(tmp_path, wide_vocab_qrz, tensor):
+    """a flipped byte in the middle of the embedding (left mapped by a copy) or of the head (copied) is caught"""
+    t = next(t for t in pyqrt.open_file(wide_vocab_qrz).tensors if t["name"] == tensor)
+    at = t["offset"] + t["nbytes"] // 2
+    path = _patched(tmp_path, wide_vocab_qrz, lambda d: d.__setitem__(at, d[at] ^ 0x01))
+    for mmap in (True, False):
+        _expect(path, pyqrt.FormatError, "checksum", mmap=mmap)
 
 
 def _set_string_value(data, key, new_value):

@@ -31,6 +31,8 @@ def main():
     p.add_argument("--tune", choices=("both", "V", "alpha"), default=None,
                    help="what SignSGD moves (default: what the Rounder's TUNE_ALPHA says)")
     p.add_argument("--iters", type=int, default=sr.DEFAULT_ITERS)
+    p.add_argument("--samples", type=int, default=sr.DEFAULT_SAMPLES, help="c4 sequences tuned on")
+    p.add_argument("--batch", type=int, default=sr.DEFAULT_BATCH)
     args = p.parse_args()
 
     import torch
@@ -47,7 +49,9 @@ def main():
 
     tok = pyqrt.load(model_qrz("gemma3", "f16"), threads=1)
     wiki = np.array(tok.tokenize(text("wiki")[:100000], special=False)[:8 * 256]).reshape(8, 256)
-    c4 = np.array(tok.tokenize(text("c4")[:400000], special=False)[:64 * 256]).reshape(64, 256)
+    c4_all = np.array(tok.tokenize(text("c4"), special=False))
+    c4 = c4_all[:args.samples * 256].reshape(args.samples, 256)
+    c4_held = c4_all[-8 * 256:].reshape(8, 256)      # the text's end, never tuned on
     graph = sr.BlockGraph(torch, meta, arch)
     embed = load("model.embed_tokens.weight")
 
@@ -63,9 +67,10 @@ def main():
             x = sr._through(torch, graph, layer, x, norms, w.__getitem__)
         return x
 
-    x_wiki, x_c4 = inputs(wiki), inputs(c4)
+    x_wiki, x_c4, x_held = inputs(wiki), inputs(c4), inputs(c4_held)
     norms, w_float = block_params(args.layer)
     y_wiki = sr._through(torch, graph, args.layer, x_wiki, norms, w_float.__getitem__)
+    y_held = sr._through(torch, graph, args.layer, x_held, norms, w_float.__getitem__)
     y_c4 = sr._through(torch, graph, args.layer, x_c4, norms, w_float.__getitem__)
     energy = sr._InputStats(0, np.random.default_rng(0))
     sr._through(torch, graph, args.layer, x_c4[:32], norms, w_float.__getitem__, energy)
@@ -76,7 +81,7 @@ def main():
         with torch.no_grad():
             w = {s: r.fake() for s, r in rounders.items()}
             out = []
-            for x, y in ((x_wiki, y_wiki), (x_c4, y_c4)):
+            for x, y in ((x_wiki, y_wiki), (x_held, y_held), (x_c4, y_c4)):
                 yq = sr._through(torch, graph, args.layer, x, norms, w.__getitem__)
                 out.append(float(((yq - y) ** 2).mean() / (y ** 2).mean()))
         return out
@@ -88,12 +93,11 @@ def main():
     for t in params:
         t.requires_grad_(True)
     print(f"{args.format} G={args.group} layer {args.layer}, tuning {args.tune or 'the default'}: "
-          f"relative output error (held-out wiki, c4)")
-    held, cal = errors()
-    print(f"step 0: {held:.3e} {cal:.3e}", flush=True)
+          f"relative output error (held-out wiki, held-out c4, the c4 tuned on)")
+    print(f"step 0: " + " ".join(f"{e:.3e}" for e in errors()), flush=True)
     rng = np.random.default_rng(0)
     for step in range(args.iters):
-        pick = torch.from_numpy(rng.choice(len(c4), size=sr.DEFAULT_BATCH, replace=False))
+        pick = torch.from_numpy(rng.choice(len(c4), size=args.batch, replace=False))
         y = graph.forward(args.layer, x_c4[pick], norms, lambda s: rounders[s].fake())
         loss = torch.nn.functional.mse_loss(y, y_c4[pick])
         for t in params:
@@ -104,8 +108,7 @@ def main():
             for t in params:
                 t -= lr * torch.sign(t.grad)
         if (step + 1) % 25 == 0 or step + 1 == args.iters:
-            held, cal = errors()
-            print(f"step {step + 1}: {held:.3e} {cal:.3e}", flush=True)
+            print(f"step {step + 1}: " + " ".join(f"{e:.3e}" for e in errors()), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from .formats import FORMATS, FOUR_BIT_FALLBACK, Calibration
 from .formats import f32 as f32_format
 from .architectures import architecture, model_metadata, tensor_names, transform
 from .hf import TensorSource, check_dtype, read_config
-from .qrzfile import ARRAY, F32, KV, QrzWriter, TensorSpec
+from .qrzfile import ARRAY, F32, I32, KV, QrzWriter, TensorSpec
 from .tokenizer import tokenizer_metadata
 
 __all__ = ["convert", "ConvertError", "FORMATS"]
@@ -110,14 +110,30 @@ def _calibration_ids(model, calib, calib_tokens, progress, held_out=0):
     return ids, all_ids[calib_tokens:calib_tokens + held_out]
 
 
+def _statistics(model, ids, samples):
+    """{tensor name: Calibration} of every matmul's input while the float model reads ids: mean x x^T, and with
+    samples > 0 also max |x| per column and `samples` input rows"""
+    stats = model.input_statistics(ids, window=512, gram=True, samples=samples)
+    return {name: Calibration(*s) if samples else Calibration(gram=s) for name, s in stats.items()}
+
+
 def _calibrate(hf_dir, out_path, calib, calib_tokens, progress, samples=0, held_out=0):
-    """({tensor name: Calibration} of every matmul's input while the model (converted to a temporary f16 .qrz
-    beside the output, then removed) reads `calib_tokens` tokens of the calibration text: mean x x^T, and with
-    samples > 0 also max |x| per column and `samples` input rows; up to `held_out` tokens that follow them)"""
+    """(_statistics of the model (converted to a temporary f16 .qrz beside the output, then removed) on
+    `calib_tokens` tokens of the calibration text, up to `held_out` tokens that follow them)"""
     with _float_model(hf_dir, out_path, progress) as model:
         ids, rest = _calibration_ids(model, calib, calib_tokens, progress, held_out=held_out)
-        stats = model.input_statistics(ids, window=512, gram=True, samples=samples)
-    return {name: Calibration(*s) if samples else Calibration(gram=s) for name, s in stats.items()}, rest
+        return _statistics(model, ids, samples), rest
+
+
+def _untuned(module, w, group, calib, sparse, roundings):
+    """{rounding: the matrix's bytes} as the format writes it without --signround, in each of roundings (the
+    format's ROUNDINGS, or ("untuned",) for a format with one rounding)"""
+    if hasattr(module, "ROUNDINGS"):
+        return module.quantize_roundings(w, group, calib=calib, sparse=sparse, roundings=roundings)
+    kw = _sparse_args(module, group, sparse)[1]
+    if calib is not None and getattr(module, "CALIBRATED", False):
+        return {roundings[0]: module.quantize(w, group, calib=calib, **kw)}
+    return {roundings[0]: module.quantize(w, group, **kw)}
 
 
 def _keep_best_by_held_out(paths, held_out, out_path, progress):
@@ -191,8 +207,14 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
             if not isinstance(value, int) or isinstance(value, bool) or value < (2 if key == "seqlen" else 1):
                 raise ConvertError(f"--{key} must be a positive integer, got {value!r}")
         sr.import_torch()   # a missing torch fails before any work
+        # SignRound tunes on samples x seqlen tokens; each matrix starts where --calib alone would leave it (its
+        # statistics from the first calib_tokens of them), and the HELD_OUT_TOKENS after them choose between the
+        # tuned model and the untuned one
         with _float_model(hf_dir, out_path, progress) as model:
-            signround_ids = _calibration_ids(model, calib, samples * seqlen, progress)[0]
+            signround_ids, held_out = _calibration_ids(model, calib, samples * seqlen, progress,
+                                                       held_out=HELD_OUT_TOKENS)
+            if getattr(fmt_module, "CALIBRATED", False):
+                calibration = _statistics(model, signround_ids[:calib_tokens], getattr(fmt_module, "SAMPLE_ROWS", 0))
     elif calib is not None and getattr(fmt_module, "CALIBRATED", False):
         calibration, held_out = _calibrate(hf_dir, out_path, calib, calib_tokens, progress,
                                            samples=getattr(fmt_module, "SAMPLE_ROWS", 0),
@@ -223,8 +245,10 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
         if calibration:
             meta["quant.calibration"] = f"{os.path.basename(calib)}, {calib_tokens} tokens"
         if signround_ids is not None:
-            meta["quant.signround"] = (f"{iters} iterations per block on {len(signround_ids) // seqlen} x {seqlen} "
-                                       f"tokens of {os.path.basename(calib)}")
+            n_seq = len(signround_ids) // seqlen
+            n_held = int(n_seq * sr.HELD_OUT_SHARE)
+            meta["quant.signround"] = (f"{iters} iterations per block on {n_seq - n_held} x {seqlen} tokens of "
+                                       f"{os.path.basename(calib)}, the step kept chosen on {n_held} more")
         n_vocab = source.shape("model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in source.where \
             else config.get("vocab_size")
         meta.update(model_metadata(arch, config, n_vocab))
@@ -259,15 +283,22 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
             def load(name):
                 return transform(arch, name, source.load(name)).astype("float32") if name in source.where else None
             tuned, reports = sr.tune(fmt, meta, arch, load, group_size, signround_ids, iters=iters, seqlen=seqlen,
-                                     sparse=sparse, progress=progress)
-            # each block's loss (mean squared error of its output) at the start and where tuning ended
+                                     sparse=sparse, progress=progress, calibration=calibration)
+            # each block's loss (mean squared error of its output on the held-out sequences) at the start and at the
+            # step kept (0: the start)
             meta["quant.signround_first_loss"] = KV(ARRAY, [r["first_loss"] for r in reports], F32)
             meta["quant.signround_best_loss"] = KV(ARRAY, [r["best_loss"] for r in reports], F32)
+            meta["quant.signround_kept_step"] = KV(ARRAY, [int(r["kept"]) for r in reports], I32)
         # a format with several roundings (sq) writes one candidate file per rounding when there is held-out
         # calibration text to choose by; otherwise the first rounding straight into out_path
+        # (with --signround: the tuned model, and the untuned one in each of the format's roundings)
+        untuned = getattr(fmt_module, "ROUNDINGS", ("untuned",))
         roundings = getattr(fmt_module, "ROUNDINGS", ())[:1]
-        if calibration and len(held_out) >= HELD_OUT_MIN:
+        if tuned:
+            roundings = ("signround",) + (untuned if len(held_out) >= HELD_OUT_MIN else ())
+        elif calibration and len(held_out) >= HELD_OUT_MIN:
             roundings = fmt_module.ROUNDINGS
+        if len(roundings) > 1:
             meta["quant.rounding_choice"] = (f"of {', '.join(roundings)}, the lower perplexity on {len(held_out)} "
                                              f"held-out tokens of {os.path.basename(calib)}")
         paths = {r: f"{out_path}.{r}-{os.getpid()}" for r in roundings} if len(roundings) > 1 else \
@@ -276,17 +307,20 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
             with contextlib.ExitStack() as stack:
                 # each writer its own specs: QrzWriter records every tensor's CRC in them
                 writers = {r: stack.enter_context(QrzWriter(
-                    path, {**meta, "quant.rounding": r} if calibration and r else meta, copy.deepcopy(specs)))
-                    for r, path in paths.items()}
+                    path, {**meta, "quant.rounding": r} if (calibration or tuned) and r else meta,
+                    copy.deepcopy(specs))) for r, path in paths.items()}
                 for name, module, group in _progress(plans, progress, f"{fmt} {os.path.basename(out_path)}"):
                     w = transform(arch, name, source.load(name))
                     if module is None:
                         data = f32_format.quantize(w)
                     elif name in tuned and module is fmt_module:
-                        data = tuned.pop(name)
+                        data = {"signround": tuned.pop(name)}
+                        if len(roundings) > 1:
+                            data.update(_untuned(module, w, group, calibration.pop(name, None), sparse, untuned))
                     elif name in calibration and module is fmt_module and roundings:
-                        data = module.quantize_roundings(w, group, calib=calibration.pop(name), sparse=sparse,
-                                                         roundings=roundings)
+                        data = _untuned(module, w, group, calibration.pop(name), sparse,
+                                        [r for r in roundings if r != "signround"] or untuned[:1])
+                        data.setdefault("signround", data[untuned[0]])
                     elif name in calibration and getattr(module, "CALIBRATED", False):
                         data = module.quantize(w, group, calib=calibration.pop(name),
                                                **_sparse_args(module, group, sparse)[1])

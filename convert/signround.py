@@ -8,10 +8,12 @@ times the sign of the gradient, lr = 1/iters decaying linearly to 0, so V stays 
 flip any weight's rounding by one level at most) to make the block's output on calibration text, its inputs those
 of the already-quantized earlier blocks, match the output of the float block on float inputs. alpha moves too only
 where a Rounder sets TUNE_ALPHA, which only INT4 does (it starts from round to nearest, no search): from a
-searched clipping, learning it lost to V alone (see Rounder.TUNE_ALPHA). The last step is kept unless the start
-has the smaller loss over all the calibration sequences (so the calibration loss never ends above the format's
-own result). Rounding is straight-through (its gradient taken as 1); a power-of-two scale (SDR's per-group shift)
-likewise passes alpha's gradient as if the scale were proportional to alpha.
+searched clipping, learning it lost to V alone (see Rounder.TUNE_ALPHA). A share of the sequences
+(HELD_OUT_SHARE) is never tuned on: the parameters at the start and at CHECKPOINTS of the way are judged by the
+block's loss on those, and the best is kept, so a block is not left worse than the format's own rounding on
+sequences it was not tuned on, and a fit to the tuning sequences alone is not kept. Rounding is straight-through
+(its gradient taken as 1); a power-of-two scale (SDR's per-group shift) likewise passes alpha's gradient as if
+the scale were proportional to alpha.
 
 The block is run here in PyTorch, written from the same model.* metadata the C runtime reads (one graph for
 Llama, Qwen2 and Gemma-3, as native/model.c), so the converter needs no transformers. torch is needed at
@@ -33,7 +35,9 @@ from .formats import Calibration, fp4, int4, nibbles, scales_then_codes, sdr, sq
 FORMATS = ("int4", "sdr", "fp4", "sq")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-DEFAULT_ITERS, DEFAULT_SAMPLES, DEFAULT_SEQLEN, DEFAULT_BATCH = 100, 64, 256, 4
+DEFAULT_ITERS, DEFAULT_SAMPLES, DEFAULT_SEQLEN, DEFAULT_BATCH = 100, 128, 256, 4
+HELD_OUT_SHARE = 1 / 8        # of the sequences, never tuned on: they choose which snapshot a block keeps
+CHECKPOINTS = (0.5, 0.75, 1.0)   # snapshots (besides the start) at these fractions of the iterations
 PASS_BATCH = 16               # sequences per forward pass when a whole sample set flows through a block
 
 
@@ -75,6 +79,19 @@ class Rounder:
 
     def params(self):
         return [self.V, self.alpha] if self.TUNE_ALPHA else [self.V]
+
+    def start_at(self, units, step):
+        """V such that round(w / step + V) is `units` (rows, cols) (the codes of a calibrated start, in steps):
+        the whole number of steps by which each code differs from w / step rounded to nearest. So w / step + V
+        keeps the weight's place within its rounding interval, and SignSGD's half a step either way flips the
+        weights near an edge, as from a round-to-nearest start (V exactly units - w / step would put every weight
+        mid-interval, where half a step flips none)"""
+        u = np.asarray(units, np.float64).reshape(self.rows, self.ng, self.group)
+        w = self.w_np.astype(np.float64).reshape(self.rows, self.ng, self.group)
+        st = np.asarray(step, np.float64).reshape(self.rows, self.ng, 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = np.where(st > 0, u - np.rint(w / np.where(st > 0, st, 1)), 0)
+        self.V = self.torch.from_numpy(v.astype(np.float32))
 
     def clipped_alpha(self):
         return self.alpha.clamp(*self.ALPHA_RANGE)
@@ -125,9 +142,14 @@ class SdrRounder(Rounder):
     + V), -8, 7). alpha starts where the search's choice of e (QRazor's or one finer) puts it."""
     ALPHA_RANGE = (0.25, 1.0)
 
-    def __init__(self, torch, w, group, col_energy):
+    def __init__(self, torch, w, group, col_energy, calib=None):
         super().__init__(torch, w, group, col_energy)
-        s, e0, _ = sdr.quantize_parts(self.w_np, group, col_weight=self.col_energy)
+        if calib is not None and calib.gram is not None:    # the converter's calibrated rounding (error feedback)
+            s, e0, m0 = sdr.gptq_parts(self.w_np, group, calib.gram)
+            self.e_fixed = torch.from_numpy(e0.astype(np.float32))
+        else:
+            s, e0, m0 = sdr.quantize_parts(self.w_np, group, col_weight=self.col_energy)
+            self.e_fixed = None
         self.s = torch.from_numpy(s.astype(np.float32))
         base = (self.amax / _safe(self.s)[:, None]).numpy().astype(np.float64)   # the group maximum in base units
         qrazor = np.clip(sdr.leading_one(np.rint(np.minimum(base, 127))) - 2, 0, sdr.MAX_SHIFT)
@@ -135,9 +157,14 @@ class SdrRounder(Rounder):
         with np.errstate(divide="ignore", invalid="ignore"):
             alpha = np.where(finer, (2.0 ** (e0.astype(np.float64) + 3) - 1) / base, 1.0)
         self.alpha = torch.from_numpy(np.nan_to_num(alpha, nan=1.0).astype(np.float32))
+        if self.e_fixed is not None:
+            self.start_at(m0, s[:, None] * 2.0 ** e0.astype(np.float64))
 
     def _parts(self):
         torch = self.torch
+        if self.e_fixed is not None:    # a calibrated start's shifts stay (alpha is not tuned for SDR)
+            step = self.s[:, None] * torch.pow(2.0, self.e_fixed)
+            return step, self.e_fixed, self.round_ste(self.w / step[:, :, None] + self.V).clamp(-8, 7)
         a = self.clipped_alpha()
         top = torch.round(torch.clamp(a * self.amax / _safe(self.s)[:, None], max=127.0)).detach()
         _, exponent = torch.frexp(torch.clamp(top, min=1.0))        # top in [2^(x-1), 2^x): leading one x - 1
@@ -163,16 +190,20 @@ class Fp4Rounder(Rounder):
     (f16) and each weight's code is the nearest to w / d + V * gap, gap being the codebook's spacing where w / d
     lies, so V moves a weight across one rounding boundary at most whatever the spacing"""
 
-    def __init__(self, torch, w, group, col_energy):
+    def __init__(self, torch, w, group, col_energy, calib=None):
         super().__init__(torch, w, group, col_energy)
-        best = None
-        for e in fp4.EXPONENTS:
-            d16, codes = fp4.quantize_weights(self.w_np, group, e, self.col_energy)
-            err = float((self.col_energy[None, :] *
-                         (fp4.dequantize_weights(d16, codes, group, e) - self.w_np) ** 2).sum())
-            if best is None or err < best[0]:
-                best = (err, e, d16)
-        _, self.e, d16 = best
+        if calib is not None and calib.gram is not None:    # the converter's calibrated search (output error)
+            self.e, d16, codes = fp4.search_weights(self.w_np, group, calib.gram)
+        else:
+            best = None
+            for e in fp4.EXPONENTS:
+                d16, codes = fp4.quantize_weights(self.w_np, group, e, self.col_energy)
+                err = float((self.col_energy[None, :] *
+                             (fp4.dequantize_weights(d16, codes, group, e) - self.w_np) ** 2).sum())
+                if best is None or err < best[0]:
+                    best = (err, e, d16)
+            _, self.e, d16 = best
+            codes = None
         mags = fp4.codebook(self.e).astype(np.float32)
         self.top = float(mags[-1])
         self.mags = torch.from_numpy(mags)
@@ -182,11 +213,14 @@ class Fp4Rounder(Rounder):
         with np.errstate(divide="ignore", invalid="ignore"):
             alpha = np.where(amax > 0, d16.astype(np.float32) * self.top / amax, 1.0)
         self.alpha = torch.from_numpy(np.clip(alpha, *self.ALPHA_RANGE).astype(np.float32))
+        # the calibrated start's layout and scales stay (alpha is not tuned for FP4); its codes are the nearest
+        # (fp4.search_weights), so V starts at 0 as from the data-free search
+        self.d_fixed = None if codes is None else torch.from_numpy(d16.astype(np.float32))
 
     def _units(self):
         """(d, w / d + V * gap) in code units"""
         torch = self.torch
-        d = self.f16_ste(self.amax * self.clipped_alpha() / self.top)
+        d = self.d_fixed if self.d_fixed is not None else self.f16_ste(self.amax * self.clipped_alpha() / self.top)
         u = self.w / _safe(d)[:, :, None]
         i = torch.clamp(torch.bucketize(u.abs().detach(), self.mags, right=True) - 1, 0, len(self.gaps) - 1)
         return d, u + self.V * self.gaps[i]
@@ -214,10 +248,13 @@ class SqRounder(Rounder):
     max|slot| / SLOT_MAX) (f16), and q = round(w / d + V) clamped to the dense 4-bit range, or to the slots'
     SLOT_MIN..SLOT_MAX at a slot"""
 
-    def __init__(self, torch, w, group, col_energy, sparse=sq.DEFAULT_SPARSE):
+    def __init__(self, torch, w, group, col_energy, sparse=sq.DEFAULT_SPARSE, calib=None):
         super().__init__(torch, w, group, col_energy)
         self.sparse, self.k = sparse, sq.slots_for(group, sparse)
-        d16, _, self.pos, _ = sq.quantize_parts(self.w_np, group, self.k, self.col_energy)
+        importance = self.col_energy
+        if calib is not None and calib.gram is not None:    # the converter's calibrated importance (diag H)
+            importance = np.maximum(np.diag(np.asarray(calib.gram, np.float32)), 0)
+        d16, q0, self.pos, v0 = sq.quantize_parts(self.w_np, group, self.k, importance)
         is_slot = np.zeros((self.rows, self.ng, group), bool)
         np.put_along_axis(is_slot, self.pos.astype(np.int64), True, axis=2)
         self.is_slot = torch.from_numpy(is_slot)
@@ -228,11 +265,16 @@ class SqRounder(Rounder):
         with np.errstate(divide="ignore", invalid="ignore"):
             alpha = np.where(dense > 0, d16.astype(np.float32) * 7 / dense, 1.0)
         self.alpha = torch.from_numpy(np.clip(alpha, *self.ALPHA_RANGE).astype(np.float32))
+        self.d_fixed = None
+        if calib is not None and calib.gram is not None:   # the calibrated start's scales stay (alpha not tuned)
+            self.d_fixed = torch.from_numpy(d16.astype(np.float32))
+            units = sq._plus_slots(q0.astype(np.float64).reshape(self.rows, self.ng, group), self.pos, v0)
+            self.start_at(units, d16)
 
     def _parts(self):
         torch = self.torch
-        d = self.f16_ste(torch.maximum(self.amax_dense * self.clipped_alpha() / 7.0,
-                                       self.amax_slot / float(sq.SLOT_MAX)))
+        d = self.d_fixed if self.d_fixed is not None else self.f16_ste(
+            torch.maximum(self.amax_dense * self.clipped_alpha() / 7.0, self.amax_slot / float(sq.SLOT_MAX)))
         u = self.round_ste(self.w / _safe(d)[:, :, None] + self.V)
         return d, torch.where(self.is_slot, u.clamp(sq.SLOT_MIN, sq.SLOT_MAX), u.clamp(-8, 7))
 
@@ -394,8 +436,10 @@ def _through(torch, graph, layer, x, p, weight, seen=None):
 
 
 def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_SEQLEN, batch=DEFAULT_BATCH,
-         sparse=None, progress=True, seed=0):
-    """SignRound over every block -> ({matrix name: its bytes}, [per-block report dicts]).
+         sparse=None, progress=True, seed=0, calibration=None):
+    """SignRound over every block -> ({matrix name: its bytes}, [per-block report dicts]). calibration: {matrix
+    name: Calibration} of the float model (the converter's --calib statistics), or None: each matrix then starts
+    at its format's calibrated rounding (what --calib alone writes), else at the format's data-free search.
     load(name) -> float32 numpy tensor as the runtime wants it (architectures.transform applied), None when the
     model has no such tensor (a bias); ids: the
     calibration token ids, cut into len(ids) // seqlen sequences of seqlen."""
@@ -411,6 +455,7 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
         raise ConvertError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seqlen}; "
                            f"give a longer text or a smaller --seqlen")
     ids = np.asarray(ids[:n_seq * seqlen], np.int64).reshape(n_seq, seqlen)
+    n_train = n_seq - int(n_seq * HELD_OUT_SHARE)     # the last sequences held out (none below 8 sequences)
     graph = BlockGraph(torch, meta, arch)
     embed = load("model.embed_tokens.weight")
     x_float = torch.from_numpy(embed[ids].astype(np.float32) * np.float32(graph.embed_scale))
@@ -436,14 +481,30 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
         w_float = {s: torch.from_numpy(np.ascontiguousarray(load(prefix + s + ".weight"), np.float32))
                    for s in LINEARS}
         target = _through(torch, graph, layer, x_float, p, w_float.__getitem__)
+        # The loss weighs each channel of the block's output by the inverse of its mean square on the tuning
+        # sequences: Gemma-3's residual stream has a few massive channels (one holds 40-95% of the sum of squares
+        # in every block), and a plain mean squared error would tune the block to those alone.
+        energy_out = (target[:n_train] ** 2).mean(dim=(0, 1))
+        channel_weight = 1.0 / (energy_out + 1e-6 * float(energy_out.mean()) + 1e-30)
+
+        def block_loss(y, want):
+            return ((y - want) ** 2 * channel_weight).mean()
+
         energy = _InputStats(0, rng)
-        _through(torch, graph, layer, x_quant[:min(n_seq, 32)], p, w_float.__getitem__, energy)
-        rounders = {s: rounder_cls(torch, w_float[s].numpy(), group, energy.mean_energy(s), **extra)
+        _through(torch, graph, layer, x_quant[:min(n_train, 32)], p, w_float.__getitem__, energy)
+        starts = {s: (calibration or {}).get(prefix + s + ".weight") for s in LINEARS}
+        rounders = {s: rounder_cls(torch, w_float[s].numpy(), group, energy.mean_energy(s), **extra,
+                                   **({"calib": starts[s]} if fmt != "int4" else {}))
                     for s in LINEARS}
         params = [t for r in rounders.values() for t in r.params()]
         for t in params:
             t.requires_grad_(True)
-        start = [t.detach().clone() for t in params]
+        # Snapshots of the parameters at the start and at CHECKPOINTS of the way; the one kept is the one with the
+        # smallest block loss on the held-out sequences (never tuned on), so a block is never left worse on text
+        # it did not see than the format's own rounding. On the sequences it was tuned on, the loss always falls
+        # (to a third in Gemma-3's early blocks), and most of that fall does not carry over to other text.
+        marks = {max(1, round(f * iters)) for f in CHECKPOINTS}
+        snapshots = {0: [t.detach().clone() for t in params]}
         steps = range(iters)
         bar = None
         if progress:
@@ -454,9 +515,9 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
             except ImportError:
                 pass
         for step in steps:
-            pick = torch.from_numpy(rng.choice(n_seq, size=min(batch, n_seq), replace=False))
+            pick = torch.from_numpy(rng.choice(n_train, size=min(batch, n_train), replace=False))
             y = graph.forward(layer, x_quant[pick], p, lambda s: rounders[s].fake())
-            loss = torch.nn.functional.mse_loss(y, target[pick])
+            loss = block_loss(y, target[pick])
             for t in params:
                 t.grad = None
             loss.backward()
@@ -464,29 +525,30 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
             with torch.no_grad():
                 for t in params:
                     t -= lr * torch.sign(t.grad)
+            if step + 1 in marks:
+                snapshots[step + 1] = [t.detach().clone() for t in params]
             if bar is not None:
                 bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
 
-        def full_loss():
-            """the block's loss over every calibration sequence with the rounders as they are"""
-            w = {s: r.fake() for s, r in rounders.items()}
-            return float(((_through(torch, graph, layer, x_quant, p, w.__getitem__) - target) ** 2).mean())
+        judge = slice(n_train, n_seq) if n_seq > n_train else slice(0, n_seq)
 
-        # The last step, where the decayed step size has let V settle, unless the start does better over all the
-        # calibration sequences (so tuning never leaves a block worse on what it saw). A batch of 4 sequences
-        # cannot pick a step: their loss varies more between batches than between steps, and the step with the
-        # smallest batch loss was the easiest batch's, early steps included, where the error has a transient high.
+        def judged_loss():
+            """the block's loss on the judging sequences with the rounders as they are"""
+            w = {s: r.fake() for s, r in rounders.items()}
+            y = _through(torch, graph, layer, x_quant[judge], p, w.__getitem__)
+            return float(block_loss(y, target[judge]))
+
         with torch.no_grad():
-            last = [t.detach().clone() for t in params]
-            last_loss = full_loss()
-            for t, b in zip(params, start):
-                t.copy_(b)
-            first_loss = full_loss()
-            kept = "last" if last_loss <= first_loss else "start"
-            for t, b in zip(params, last if kept == "last" else start):
+            losses = {}
+            for at, snap in snapshots.items():
+                for t, b in zip(params, snap):
+                    t.copy_(b)
+                losses[at] = judged_loss()
+            kept = min(losses, key=lambda at: (losses[at], -at))
+            for t, b in zip(params, snapshots[kept]):
                 t.copy_(b)
                 t.requires_grad_(False)
-            best_loss = min(last_loss, first_loss)
+            first_loss, best_loss = losses[0], losses[kept]
             w_quant = {s: r.fake() for s, r in rounders.items()}
         stats = _InputStats(sample_rows, rng)
         x_quant = _through(torch, graph, layer, x_quant, p, w_quant.__getitem__, stats if sample_rows else None)
@@ -494,12 +556,14 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
             out[prefix + s + ".weight"] = r.pack(stats.calibration(s) if sample_rows else None)
         x_float = target
         report = {"block": layer, "first_loss": first_loss, "best_loss": best_loss, "kept": kept,
+                  "judged_on": "held-out" if n_seq > n_train else "tuned",
                   "output_error": float(((x_quant - x_float) ** 2).mean()), "seconds": time.time() - t0}
         reports.append(report)
         if progress:
             if bar is not None:
                 bar.close()
-            print(f"signround block {layer + 1}/{n_layers}: loss {first_loss:.4g} -> {best_loss:.4g} ({kept}), "
+            print(f"signround block {layer + 1}/{n_layers}: {report['judged_on']} loss {first_loss:.4g} -> "
+                  f"{best_loss:.4g} (step {kept} of {iters}), "
                   f"output error {report['output_error']:.4g}, {report['seconds']:.0f} s", file=sys.stderr,
                   flush=True)
     return out, reports

@@ -11,7 +11,7 @@ import pyqrt  # noqa: E402
 from convert import ConvertError, convert  # noqa: E402
 from convert import signround as sr  # noqa: E402
 from convert.architectures import architecture, model_metadata, transform  # noqa: E402
-from convert.formats import fp4, int4, sdr, sq  # noqa: E402
+from convert.formats import Calibration, fp4, int4, sdr, sq  # noqa: E402
 from convert.hf import TensorSource, read_config  # noqa: E402
 from tests.tiny import TEXT, make_tiny_hf, make_tiny_llama  # noqa: E402
 
@@ -116,6 +116,29 @@ def test_rounder_starts_at_the_format_search(fmt, group, module, extra):
     assert same.mean() > 0.995
 
 
+@pytest.mark.parametrize("fmt,group,module", [("sdr", 16, sdr), ("fp4", 64, fp4), ("sq", 64, sq)])
+def test_calibrated_start_is_what_calib_alone_writes(fmt, group, module):
+    """given the converter's calibration statistics, a rounder starts at the bytes --calib alone writes (SDR's
+    error feedback, FP4's output-error search, SQ's nearest rounding on its calibrated importance), and its offsets
+    still reach the codes: a third of a step moves the weights near an edge of their interval to the next code
+    (an offset that put every weight mid-interval would move none)"""
+    w, _ = _weights(seed=4)
+    x = np.random.default_rng(5).standard_normal((512, w.shape[1])).astype(np.float32)
+    x[:, 3] *= 20                                                    # a hot input channel
+    calib = Calibration(gram=(x.T @ x / len(x)).astype(np.float32))
+    r = sr.ROUNDERS[fmt](torch, w, group, np.ones(w.shape[1], np.float32), calib=calib)
+    if fmt == "sq":
+        want = module.quantize(w, group, calib=calib, rounding="nearest")
+    else:
+        want = module.quantize(w, group, calib=calib)
+    decoded = lambda buf: module.dequantize(buf, *w.shape, group)   # noqa: E731
+    same = np.isclose(decoded(r.pack()), decoded(want), atol=1e-6 * np.abs(w).max(), rtol=1e-6)
+    assert same.mean() > 0.999, f"{(~same).sum()} of {same.size} weights differ from --calib's"
+    with torch.no_grad():
+        r.V += 0.3 * torch.sign(torch.from_numpy(np.random.default_rng(6).standard_normal(r.V.shape)).float())
+    assert (decoded(r.pack()) != decoded(want)).mean() > 0.05
+
+
 def test_rounder_gradients_reach_offsets_and_clipping():
     w, energy = _weights(seed=3)
     for fmt, group, _, extra in ROUNDER_CASES:
@@ -173,7 +196,8 @@ def test_signround_conversion_beats_round_to_nearest_on_its_text(tmp_path, fmt):
 
 
 def test_signround_block_reports(tmp_path):
-    """tune() reports each block's loss before and after; the kept loss is never above the starting one"""
+    """tune() reports each block's loss before and after, judged on the held-out sequences (one of eight here);
+    the kept step is the start or a checkpoint, and its loss is never above the start's"""
     d = _tiny(tmp_path, "qwen2")
     config = read_config(d)
     arch = architecture(config)
@@ -189,6 +213,9 @@ def test_signround_block_reports(tmp_path):
     assert [r["block"] for r in reports] == list(range(meta["model.n_layers"]))
     assert all(r["best_loss"] <= r["first_loss"] for r in reports)
     assert any(r["best_loss"] < r["first_loss"] for r in reports)
+    assert all(r["judged_on"] == "held-out" for r in reports)
+    marks = {0} | {max(1, round(f * 10)) for f in sr.CHECKPOINTS}
+    assert all(r["kept"] in marks for r in reports)
     assert set(out) == {f"model.layers.{i}.{s}.weight" for i in range(meta["model.n_layers"]) for s in sr.LINEARS}
 
 

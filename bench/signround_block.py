@@ -96,10 +96,11 @@ def main():
           f"relative output error (held-out wiki, held-out c4, the c4 tuned on)")
     print(f"step 0: " + " ".join(f"{e:.3e}" for e in errors()), flush=True)
     rng = np.random.default_rng(0)
+    block_loss = sr.channel_weighted_loss(y_c4)   # the converter's loss
     for step in range(args.iters):
         pick = torch.from_numpy(rng.choice(len(c4), size=args.batch, replace=False))
         y = graph.forward(args.layer, x_c4[pick], norms, lambda s: rounders[s].fake())
-        loss = torch.nn.functional.mse_loss(y, y_c4[pick])
+        loss = block_loss(y, y_c4[pick])
         for t in params:
             t.grad = None
         loss.backward()

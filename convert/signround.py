@@ -426,6 +426,16 @@ class _InputStats:
         return Calibration(absmax=self.absmax[name].astype(np.float32), samples=pool[take])
 
 
+def channel_weighted_loss(target):
+    """the block loss: the squared error of each output channel weighed by the inverse of its mean square in
+    target (N, n, E), the float block's output on the tuning sequences. Gemma-3's residual stream has a few massive
+    channels (one holds 40-95% of the sum of squares in every block), and a plain mean squared error would tune the
+    block to those alone."""
+    energy = (target ** 2).mean(dim=(0, 1))
+    weight = 1.0 / (energy + 1e-6 * float(energy.mean()) + 1e-30)
+    return lambda y, want: ((y - want) ** 2 * weight).mean()
+
+
 def _through(torch, graph, layer, x, p, weight, seen=None):
     """x (N, n, E) through one block in batches of PASS_BATCH sequences, no gradients"""
     out = torch.empty_like(x)
@@ -438,8 +448,9 @@ def _through(torch, graph, layer, x, p, weight, seen=None):
 def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_SEQLEN, batch=DEFAULT_BATCH,
          sparse=None, progress=True, seed=0, calibration=None):
     """SignRound over every block -> ({matrix name: its bytes}, [per-block report dicts]). calibration: {matrix
-    name: Calibration} of the float model (the converter's --calib statistics), or None: each matrix then starts
-    at its format's calibrated rounding (what --calib alone writes), else at the format's data-free search.
+    name: Calibration} of the float model (the converter's --calib statistics): each matrix in it starts at its
+    format's calibrated rounding (what --calib alone writes); without it (None, or INT4), at the format's data-free
+    search.
     load(name) -> float32 numpy tensor as the runtime wants it (architectures.transform applied), None when the
     model has no such tensor (a bias); ids: the
     calibration token ids, cut into len(ids) // seqlen sequences of seqlen."""
@@ -481,15 +492,7 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
         w_float = {s: torch.from_numpy(np.ascontiguousarray(load(prefix + s + ".weight"), np.float32))
                    for s in LINEARS}
         target = _through(torch, graph, layer, x_float, p, w_float.__getitem__)
-        # The loss weighs each channel of the block's output by the inverse of its mean square on the tuning
-        # sequences: Gemma-3's residual stream has a few massive channels (one holds 40-95% of the sum of squares
-        # in every block), and a plain mean squared error would tune the block to those alone.
-        energy_out = (target[:n_train] ** 2).mean(dim=(0, 1))
-        channel_weight = 1.0 / (energy_out + 1e-6 * float(energy_out.mean()) + 1e-30)
-
-        def block_loss(y, want):
-            return ((y - want) ** 2 * channel_weight).mean()
-
+        block_loss = channel_weighted_loss(target[:n_train])
         energy = _InputStats(0, rng)
         _through(torch, graph, layer, x_quant[:min(n_train, 32)], p, w_float.__getitem__, energy)
         starts = {s: (calibration or {}).get(prefix + s + ".weight") for s in LINEARS}
@@ -500,9 +503,9 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
         for t in params:
             t.requires_grad_(True)
         # Snapshots of the parameters at the start and at CHECKPOINTS of the way; the one kept is the one with the
-        # smallest block loss on the held-out sequences (never tuned on), so a block is never left worse on text
-        # it did not see than the format's own rounding. On the sequences it was tuned on, the loss always falls
-        # (to a third in Gemma-3's early blocks), and most of that fall does not carry over to other text.
+        # smallest block loss on the held-out sequences (never tuned on), so a block is not left worse on them than
+        # where it started. On the sequences it was tuned on, the loss always falls (to a quarter in Gemma-3's
+        # early blocks), and much of that fall does not carry over to other sequences.
         marks = {max(1, round(f * iters)) for f in CHECKPOINTS}
         snapshots = {0: [t.detach().clone() for t in params]}
         steps = range(iters)

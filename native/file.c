@@ -373,7 +373,7 @@ static int copy_pages(qrz_model *m, int fd, const char *path, uint64_t from, uin
 
 /* The tensors' pages copied (copy_pages), except those of a token embedding that has an output head of its own:
  * a token reads one row of it, and a mapping keeps the rows no prompt looks up (most of a 150k-token vocabulary)
- * out of memory. The pages copied are recorded in m->copied_from/to ([from, to) and [from2, to2)) for the
+ * out of memory. The byte ranges copied (before and after those pages) are recorded in m->copied for the
  * checksum. */
 static int copy_weights(qrz_model *m, int fd, const char *path, uint64_t data_offset, char *err, size_t cap) {
     const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);

@@ -424,8 +424,8 @@ static void prefetch_next_pass(const row_chunks *rc, int ith) {
                                   : w->type == QRZ_TYPE_Q8 ? w->cols : w->cols / 2;
         if (row >= w->rows || w->nbytes < w->rows * row_bytes) continue;
         const uint8_t *plane = (const uint8_t *)w->data + w->nbytes - w->rows * row_bytes;
-        const int64_t bytes = (w->rows - row) * row_bytes < IDLE_PREFETCH_BYTES / 2 * (rc->next[1] ? 1 : 2)
-                              ? (w->rows - row) * row_bytes : IDLE_PREFETCH_BYTES / 2 * (rc->next[1] ? 1 : 2);
+        const int64_t budget = rc->next[1] ? IDLE_PREFETCH_BYTES / 2 : IDLE_PREFETCH_BYTES;   /* shared by two */
+        const int64_t left = (w->rows - row) * row_bytes, bytes = left < budget ? left : budget;
         for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(plane + row * row_bytes + b, 0, 2);
     }
 }
@@ -679,7 +679,8 @@ static void add_normed(float *x, float *y, const float *post_norm, int n, int E,
 }
 
 /* ---- the forward pass ---- */
-/* what the pass after the next one reads first (prefetch_next_pass): matrices a and b (or NULL), `rows` rows in all */
+/* set before a pass: the matrices the pass after it reads (a, and b or NULL), over `rows` rows in all, whose first
+ * rows that pass's threads prefetch when they run out of work (prefetch_next_pass) */
 static void next_pass(qrz_context *c, const qrz_weight *a, const qrz_weight *b, int64_t rows) {
     c->next[0] = a;
     c->next[1] = b;

@@ -284,8 +284,8 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
                 return transform(arch, name, source.load(name)).astype("float32") if name in source.where else None
             tuned, reports = sr.tune(fmt, meta, arch, load, group_size, signround_ids, iters=iters, seqlen=seqlen,
                                      sparse=sparse, progress=progress, calibration=calibration)
-            # each block's loss (mean squared error of its output on the held-out sequences) at the start and at the
-            # step kept (0: the start)
+            # each block's loss (channel_weighted_loss of its output on the held-out sequences) at the start and at
+            # the step kept (0: the start)
             meta["quant.signround_first_loss"] = KV(ARRAY, [r["first_loss"] for r in reports], F32)
             meta["quant.signround_best_loss"] = KV(ARRAY, [r["best_loss"] for r in reports], F32)
             meta["quant.signround_kept_step"] = KV(ARRAY, [int(r["kept"]) for r in reports], I32)

@@ -30,7 +30,8 @@ def main(argv=None):
                         help="sdr, fp4, sq, int4: learn each block's rounding and clipping by signed gradient descent "
                              "on the --calib text (SignRound; needs torch: pip install 'pyqrt[signround]')")
     parser.add_argument("--iters", type=int, default=None, help="SignRound steps per block (default: 100)")
-    parser.add_argument("--samples", type=int, default=None, help="SignRound calibration sequences, one in eight held out (default: 128)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="SignRound calibration sequences, one in eight held out (default: 128)")
     parser.add_argument("--seqlen", type=int, default=None, help="SignRound tokens per sequence (default: 256)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -330,17 +330,6 @@ QRZ_AVX2_INLINE void sdr_i8_group(const uint8_t *m, const int8_t *x, int64_t K, 
  * shifts at once: 9 instructions per 64 codes instead of 16. The integers are those of sdr_i8_rows. */
 #define SDR_PAIRS_MAX_K 16384     /* the reordered row lives on the stack */
 
-/* per 64 activations (a pair of runs): [0..15 | 32..47] then [16..31 | 48..63], the order of the low and the high
- * nibbles of a 32-byte load of two runs' codes */
-QRZ_AVX2_INLINE void x_pairs_reorder(const int8_t *x, int64_t pairs, int8_t *xp) {
-    for (int64_t c = 0; c < pairs; c++) {
-        const __m256i a = _mm256_loadu_si256((const __m256i *)(x + 64 * c));
-        const __m256i b = _mm256_loadu_si256((const __m256i *)(x + 64 * c + 32));
-        _mm256_store_si256((__m256i *)(xp + 64 * c), _mm256_permute2x128_si256(a, b, 0x20));
-        _mm256_store_si256((__m256i *)(xp + 64 * c + 32), _mm256_permute2x128_si256(a, b, 0x31));
-    }
-}
-
 QRZ_AVX2_INLINE void sdr_i8_row_pairs(const sdr_view p, const int8_t *xq, const int32_t *xs, float xd, int64_t K,
                                       int32_t G, int64_t r0, int64_t r1, float *y, const int RPG) {
     const int64_t ng = K / G, np = K / 64;
@@ -787,22 +776,6 @@ QRZ_AVX2_INLINE void fp4_rows(const qrz_weight *w, const qrz_acts *x, int64_t i,
  * multiply and an add, no fused multiply-add), so the result is still the scalar one bit for bit. This is what
  * decoding needs: one activation row, and a float multiply-add per group that no longer waits on the previous
  * group's. */
-/* in-place 8x8 transpose: v[a] lane j becomes v[j] lane a */
-QRZ_AVX2_INLINE void transpose8_ps(__m256 *v) {
-    const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
-    const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
-    const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    v[0] = _mm256_permute2f128_ps(u0, u4, 0x20); v[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-    v[1] = _mm256_permute2f128_ps(u1, u5, 0x20); v[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-    v[2] = _mm256_permute2f128_ps(u2, u6, 0x20); v[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-    v[3] = _mm256_permute2f128_ps(u3, u7, 0x20); v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
-
 QRZ_AVX2_INLINE void fp4_rows8(const qrz_weight *w, const qrz_acts *x, int64_t i, int64_t r, float *y, int64_t ldy,
                                const int NT, const int RPG, const int ONE_BURST) {
     const fp4_setup f = fp4_setup_of(w, x, i, RPG);
@@ -814,17 +787,7 @@ QRZ_AVX2_INLINE void fp4_rows8(const qrz_weight *w, const qrz_acts *x, int64_t i
     for (int64_t g0 = 0; g0 < f.ng; g0 += 8) {
         const int64_t gn = f.ng - g0 < 8 ? f.ng - g0 : 8;
         __m256 dws[8];   /* dws[j] lane a: row r + a's scale of group g0 + j */
-        if (gn == 8) {
-            for (int a = 0; a < 8; a++) dws[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + a * f.ng + g0)));
-            transpose8_ps(dws);
-        } else {
-            for (int64_t j = 0; j < gn; j++) {
-                const uint16_t *c = wd + g0 + j;
-                dws[j] = _mm256_cvtph_ps(_mm_setr_epi16((short)c[0], (short)c[f.ng], (short)c[2 * f.ng], (short)c[3 * f.ng],
-                                                        (short)c[4 * f.ng], (short)c[5 * f.ng], (short)c[6 * f.ng],
-                                                        (short)c[7 * f.ng]));
-            }
-        }
+        scales8_rows(wd, f.ng, g0, gn, dws);
         for (int64_t j = 0; j < gn; j++) {
             const int64_t g = g0 + j;
             __m256i sums[4][8];
@@ -877,17 +840,7 @@ QRZ_AVX2_INLINE void fp4_rows8_pairs(const fp4_setup *f, const qrz_acts *x, int6
     for (int64_t g0 = 0; g0 < f->ng; g0 += 8) {
         const int64_t gn = f->ng - g0 < 8 ? f->ng - g0 : 8;
         __m256 dws[8];
-        if (gn == 8) {
-            for (int a = 0; a < 8; a++) dws[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + a * f->ng + g0)));
-            transpose8_ps(dws);
-        } else {
-            for (int64_t j = 0; j < gn; j++) {
-                const uint16_t *c = wd + g0 + j;
-                const int64_t n = f->ng;
-                dws[j] = _mm256_cvtph_ps(_mm_setr_epi16((short)c[0], (short)c[n], (short)c[2 * n], (short)c[3 * n],
-                                                        (short)c[4 * n], (short)c[5 * n], (short)c[6 * n], (short)c[7 * n]));
-            }
-        }
+        scales8_rows(wd, f->ng, g0, gn, dws);
         if (RPG == 1) {   /* gn is even: ng = K / 32 is, and g0 a multiple of 8 */
             for (int64_t j = 0; j < gn; j += 2) {
                 const int64_t g = g0 + j;

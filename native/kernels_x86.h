@@ -82,4 +82,47 @@ static inline void matmul_rest(qrz_matmul_fn fn, const qrz_weight *w, const qrz_
     const qrz_acts rest = qrz_acts_rows(x, i, x->n - i);
     fn(w, &rest, r0, r1, y + i * ldy, ldy);
 }
+
+/* per 64 activations (a pair of runs): [0..15 | 32..47] then [16..31 | 48..63], the order of the low and the high
+ * nibbles of a 32-byte load of two runs' codes */
+QRZ_AVX2_INLINE void x_pairs_reorder(const int8_t *x, int64_t pairs, int8_t *xp) {
+    for (int64_t c = 0; c < pairs; c++) {
+        const __m256i a = _mm256_loadu_si256((const __m256i *)(x + 64 * c));
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(x + 64 * c + 32));
+        _mm256_store_si256((__m256i *)(xp + 64 * c), _mm256_permute2x128_si256(a, b, 0x20));
+        _mm256_store_si256((__m256i *)(xp + 64 * c + 32), _mm256_permute2x128_si256(a, b, 0x31));
+    }
+}
+
+/* in-place 8x8 transpose: v[a] lane j becomes v[j] lane a */
+QRZ_AVX2_INLINE void transpose8_ps(__m256 *v) {
+    const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    v[0] = _mm256_permute2f128_ps(u0, u4, 0x20); v[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    v[1] = _mm256_permute2f128_ps(u1, u5, 0x20); v[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    v[2] = _mm256_permute2f128_ps(u2, u6, 0x20); v[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    v[3] = _mm256_permute2f128_ps(u3, u7, 0x20); v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+/* dws[j] lane a = row a's f16 scale of group g0 + j as float, for the eight rows from wd (ng scales a row) and
+ * j < gn <= 8 */
+QRZ_AVX2_INLINE void scales8_rows(const uint16_t *wd, int64_t ng, int64_t g0, int64_t gn, __m256 *dws) {
+    if (gn == 8) {
+        for (int a = 0; a < 8; a++) dws[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + a * ng + g0)));
+        transpose8_ps(dws);
+        return;
+    }
+    for (int64_t j = 0; j < gn; j++) {
+        const uint16_t *c = wd + g0 + j;
+        dws[j] = _mm256_cvtph_ps(_mm_setr_epi16((short)c[0], (short)c[ng], (short)c[2 * ng], (short)c[3 * ng],
+                                                (short)c[4 * ng], (short)c[5 * ng], (short)c[6 * ng], (short)c[7 * ng]));
+    }
+}
+
 #endif

@@ -85,6 +85,9 @@ CASES = [
     # one activation row against eight weight rows or more: the AVX2 decoding kernel that reads two runs per load
     # (groups of 32, 64 and 128; a partial block of eight groups; rows left over)
     (32, 17, 128, 1), (32, 8, 192, 1), (32, 16, 2048, 1), (64, 24, 640, 1), (128, 9, 384, 5), (64, 8, 4864, 1),
+    # one activation row, groups of 64, sixteen weight rows or more: the AVX-512 decoding kernel (a whole block of
+    # eight groups and two left over; two blocks of rows and five left over; Qwen2.5's MLP width)
+    (64, 16, 640, 1), (64, 37, 1024, 1), (64, 48, 4864, 1),
 ]
 
 
@@ -134,14 +137,15 @@ def test_fp4_largest_sums(isa, e_w, act_bits):
     """every weight the layout's top magnitude and every activation lane at its extreme: the integer sums reach
     their bounds (int16 pair sums in the SIMD kernels, int32 group sums) and must still be exact"""
     e_a = 2
-    for rows, cols, group, n in ((4, 4096, 4096, 3), (16, 512, 256, 8)):   # the second: AVX-512's sixteen-row blocks
+    # the second: AVX-512's sixteen-row blocks; the third its decoding kernel
+    for rows, cols, group, n in ((4, 4096, 4096, 3), (16, 512, 256, 8), (32, 512, 64, 1)):
         codes = np.full((rows, cols), 7, np.uint8)
         codes[1] = 15
         codes[2, ::2] = 15
         ng = cols // group
         wbytes = fp4.pack(e_w, np.ones((rows, ng), np.float16), codes, e_a, fp4.STATIC, 1.0, np.zeros(cols, np.uint8))
         x = np.full((n, cols), 1e6, np.float32)
-        x[1] = -1e6
+        x[1:2] = -1e6   # (with one row, codes 15 give the negative extreme)
         got = _native.kernel_matmul(isa, TYPE, group, wbytes, rows, cols, x, act_bits)
         want, bound = fp4_reference(wbytes, rows, cols, group, x, act_bits)
         assert np.all(np.abs(got - want) <= bound)

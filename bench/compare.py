@@ -37,7 +37,10 @@ Roofline: each round also measures the memory read bandwidth (bench/bandwidth.py
 weights read per token): all tensor bytes in the file, except that the token embedding contributes one row
 when the model has a separate output head, and all of it when the head is tied to it (the head multiplies every
 row). KV-cache reads (a few MB per token at these lengths) and activations are left out, so the roofline is
-slightly optimistic. The table gives both that bound and the fraction of it each engine reaches.
+slightly optimistic. The table gives that bound at the median bandwidth of all rounds, and the fraction of it
+each engine reaches as the median over its samples of tg / (the bound at the bandwidth of the sample's own round):
+this VM's bandwidth can double from one round to the next (docs/SPEED.md), and a fast round's tg against the
+median bandwidth would overstate the fraction.
 
 Output: a markdown table on stdout (ratios are to llama.cpp Q4_0 on the same model), --json PATH with every run,
 --plot PATH a PNG (matplotlib, the `bench` extra, imported only then).
@@ -414,13 +417,15 @@ def prepare_entries(args, with_llama):
 
 # ---- results ----
 
-def merge_run(acc, run):
-    """accumulate one child's answer: the per-run lists grow, the peak RSS is the largest seen"""
+def merge_run(acc, run, bandwidth_gbps=None):
+    """accumulate one child's answer: the per-run lists grow, the peak RSS is the largest seen; bandwidth_gbps, the
+    read bandwidth of the run's own round, goes beside each of its tg samples (tg_gbps)"""
+    run = dict(run, tg_gbps=[bandwidth_gbps] * len(run["tg"]))
     if acc is None:
-        return dict(run)
+        return run
     acc = dict(acc)
-    for key in ("pp", "tg", "load_s"):
-        acc[key] = acc[key] + run[key]
+    for key in ("pp", "tg", "load_s", "tg_gbps"):
+        acc[key] = acc.get(key, [None] * len(acc["tg"]) if key == "tg_gbps" else []) + run[key]
     acc["rss_bytes"] = max(acc["rss_bytes"], run["rss_bytes"])
     acc["rss_base_bytes"] = max(acc.get("rss_base_bytes", 0), run.get("rss_base_bytes", 0))
     return acc
@@ -445,10 +450,15 @@ def summarize(entries, results, bandwidth_gbps):
         pp, tg = medians[entry_key(e)]
         base = medians.get(("llama.cpp", BASELINE_TYPE, e["model"]))
         top = roofline(bandwidth, e["bytes_per_token"]) if bandwidth else None
+        fraction = tg / top if top else None
+        own = r.get("tg_gbps") or []
+        if len(own) == len(r["tg"]) and own and all(own):
+            # each sample against its own round's bandwidth: the machine's bandwidth can double between rounds
+            fraction = statistics.median(t / roofline(b, e["bytes_per_token"]) for t, b in zip(r["tg"], own))
         rows.append(dict(row, pp=pp, pp_min=min(r["pp"]), pp_max=max(r["pp"]), tg=tg, tg_min=min(r["tg"]),
                          tg_max=max(r["tg"]), n_runs=len(r["tg"]),
                          pp_ratio=pp / base[0] if base else None, tg_ratio=tg / base[1] if base else None,
-                         roofline_tg=top, roofline_fraction=tg / top if top else None,
+                         roofline_tg=top, roofline_fraction=fraction,
                          rss_mib=r["rss_bytes"] / 2**20, load_s=statistics.median(r["load_s"])))
     return rows
 
@@ -590,7 +600,8 @@ def main(argv=None):
     t_start = time.time()
     for n, round_entries in enumerate(schedule(entries, args.runs), 1):
         print(f"round {n}/{args.runs}: bandwidth", file=sys.stderr)
-        bandwidth_runs += run_child("bandwidth", threads=args.threads, size_mib=args.bandwidth_mib, runs=3)["gbps"]
+        round_gbps = run_child("bandwidth", threads=args.threads, size_mib=args.bandwidth_mib, runs=3)["gbps"]
+        bandwidth_runs += round_gbps
         for e in round_entries:
             key = entry_key(e)
             if (results.get(key) or {}).get("error"):
@@ -603,7 +614,7 @@ def main(argv=None):
                 print(f"  {exc}", file=sys.stderr)
                 results[key] = {"error": str(exc)}
                 continue
-            results[key] = merge_run(results.get(key), run)
+            results[key] = merge_run(results.get(key), run, statistics.median(round_gbps))
 
     rows = summarize(entries, results, bandwidth_runs)
     bw = statistics.median(bandwidth_runs)

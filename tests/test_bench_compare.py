@@ -166,6 +166,17 @@ def test_summarize_medians_ratios_and_roofline():
     assert compare.summarize(entries, results, [])[0]["roofline_tg"] is None
 
 
+def test_roofline_fraction_takes_each_round_against_its_own_bandwidth():
+    entries, _ = _synthetic()
+    e = entries[0]                                                   # 50 MB read a token
+    r = compare.merge_run(compare.merge_run(None, _run(1, 100), 10.0), _run(1, 110), 30.0)
+    assert r["tg_gbps"] == [10.0, 30.0]
+    row = compare.summarize([e], {compare.entry_key(e): r}, bandwidth_gbps=[10.0, 30.0])[0]
+    assert row["roofline_tg"] == pytest.approx(20e9 / 50e6)           # the median bandwidth's bound, 400
+    # 100 of 200 in the slow round, 110 of 600 in the fast one; not 105 of 400
+    assert row["roofline_fraction"] == pytest.approx((100 / 200 + 110 / 600) / 2)
+
+
 def test_summarize_keeps_failed_entries_and_their_ratio_partners_drop_out():
     entries, results = _synthetic()
     results[("llama.cpp", "Q4_0", "m1")] = {"error": "llama_decode returned -1"}

@@ -425,7 +425,7 @@ def merge_run(acc, run, bandwidth_gbps=None):
         return run
     acc = dict(acc)
     for key in ("pp", "tg", "load_s", "tg_gbps"):
-        acc[key] = acc.get(key, [None] * len(acc["tg"]) if key == "tg_gbps" else []) + run[key]
+        acc[key] = acc[key] + run[key]
     acc["rss_bytes"] = max(acc["rss_bytes"], run["rss_bytes"])
     acc["rss_base_bytes"] = max(acc.get("rss_base_bytes", 0), run.get("rss_base_bytes", 0))
     return acc
@@ -451,8 +451,8 @@ def summarize(entries, results, bandwidth_gbps):
         base = medians.get(("llama.cpp", BASELINE_TYPE, e["model"]))
         top = roofline(bandwidth, e["bytes_per_token"]) if bandwidth else None
         fraction = tg / top if top else None
-        own = r.get("tg_gbps") or []
-        if len(own) == len(r["tg"]) and own and all(own):
+        own = r.get("tg_gbps", [])
+        if own and all(own):
             # each sample against its own round's bandwidth: the machine's bandwidth can double between rounds
             fraction = statistics.median(t / roofline(b, e["bytes_per_token"]) for t, b in zip(r["tg"], own))
         rows.append(dict(row, pp=pp, pp_min=min(r["pp"]), pp_max=max(r["pp"]), tg=tg, tg_min=min(r["tg"]),

@@ -221,7 +221,7 @@ class Fp4Rounder(Rounder):
     def _units(self):
         """(d, w / d + V * gap) in code units"""
         torch = self.torch
-        if not self.TUNE_ALPHA and self._fixed is not None:
+        if self._fixed is not None:
             d, u, gap = self._fixed
             return d, u + self.V * gap
         d = self.d_fixed if self.d_fixed is not None else self.f16_ste(self.amax * self.clipped_alpha() / self.top)

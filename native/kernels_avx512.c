@@ -405,8 +405,8 @@ static qrz_matmul_fn fp4_matmul_few;
  * layout's shifted table and maddubs against the activation pair (x_pairs_reorder) broadcast to both halves, and
  * one madd with ones widens to int32: eight lanes per row. fp4_rows16_totals then sums each row's eight lanes into
  * lane (row - r) of one vector: 21 instructions per sixteen rows against the AVX2 kernel's 9 per eight, which
- * spends twice the table lookups, multiplies and widenings per code. Layouts with a burst of 4 or more runs only: an int16 lane holds
- * 4 products, at most 4 * 2 top * 127 = 12192 for E2M1 (E3M0's 128 * 127 * 4 would overflow). */
+ * spends twice the table lookups, multiplies and widenings per code. Layouts with a burst of 4 or more runs only:
+ * an int16 lane holds 4 products, at most 4 * 2 top * 127 = 12192 for E2M1 (E3M0's 128 * 127 * 4 would overflow). */
 #define FP4_DECODE_ROWS 16
 #define FP4_DECODE_MAX_K 16384     /* the reordered activation row lives on the stack */
 

@@ -121,7 +121,8 @@ QRZ_AVX2_INLINE void scales8_rows(const uint16_t *wd, int64_t ng, int64_t g0, in
     for (int64_t j = 0; j < gn; j++) {
         const uint16_t *c = wd + g0 + j;
         dws[j] = _mm256_cvtph_ps(_mm_setr_epi16((short)c[0], (short)c[ng], (short)c[2 * ng], (short)c[3 * ng],
-                                                (short)c[4 * ng], (short)c[5 * ng], (short)c[6 * ng], (short)c[7 * ng]));
+                                                (short)c[4 * ng], (short)c[5 * ng], (short)c[6 * ng],
+                                                (short)c[7 * ng]));
     }
 }
 

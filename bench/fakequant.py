@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from convert.formats import int4, sdr
+from pyqrt.model import scoring_windows
 from tests import assets
 
 torch.set_num_threads(2)
@@ -111,8 +112,10 @@ ids = tok(text, add_special_tokens=False)["input_ids"][:ntok]
 nll, cnt = 0.0, 0
 t = time.time()
 with torch.no_grad():
-    for s in range(0, len(ids), 512):
-        ch = torch.tensor([ids[s:s + 512]])
+    # the windows Model.perplexity scores: behind BOS when the tokenizer adds one (Gemma-3)
+    bos = tok.bos_token_id if tok("a")["input_ids"][0] == tok.bos_token_id else None
+    for window in scoring_windows(ids, 512, bos):
+        ch = torch.tensor([window])
         lg = model(ch).logits[0, :-1].double()
         lp = torch.log_softmax(lg, -1).gather(1, ch[0, 1:, None])
         nll -= lp.sum().item(); cnt += ch.shape[1] - 1

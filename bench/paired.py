@@ -4,11 +4,11 @@ reference file, token by token.
     python -m bench.paired REF.qrz A.qrz[:ACT] B.qrz[:ACT] ... [--tokens 32768] [--window 512] [--pair A B]
 
 Every file scores the first --tokens wiki tokens (bench.quality's text and tokenization) in windows of --window,
-as Model.perplexity does, keeping each token's negative log-likelihood. Two files' difference is then the mean of
-the per-token NLL differences, paired on the same tokens, with its standard error over the windows (each window's
---window - 1 scored tokens are one block: neighbouring tokens are correlated, so single tokens would understate
-it). A difference of less than about twice
-its standard error is not one this text can show. --pair A B adds a row for that difference too (A and B as
+as Model.perplexity does (each window behind BOS when the model's tokenizer adds one: Gemma-3), keeping each
+token's negative log-likelihood. Two files' difference is then the mean of the per-token NLL differences, paired
+on the same tokens, with its standard error over the windows (each window's --window - 1 scored tokens are one
+block: neighbouring tokens are correlated, so single tokens would understate it). A difference of less than
+about twice its standard error is not one this text can show. --pair A B adds a row for that difference too (A and B as
 given among the files, ACT included). NLLs are cached in --cache per file, ACT, token count and build of the
 native library (a rebuilt runtime may round differently), so adding a file costs only that file.
 
@@ -32,6 +32,9 @@ import time
 import numpy as np
 
 DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "paired-nll")
+# the window convention of the cached NLLs (Model.scoring_windows): windows behind BOS for a model that adds one,
+# since stop 28; NLLs cached before it are not reused
+WINDOWS = "bos"
 
 
 def split_spec(spec):
@@ -62,15 +65,14 @@ def token_nll(spec, n_tokens, window, threads, cache, text="wiki", skip=0):
     st, lib = os.stat(path), os.stat(_qrz.__file__)
     where = "" if (text, skip) == ("wiki", 0) else f"|{text}|{skip}"   # wiki from 0 keeps the earlier cache keys
     key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{act}|{n_tokens}|{window}|"
-                       f"{lib.st_size}|{lib.st_mtime_ns}{where}".encode())
+                       f"{lib.st_size}|{lib.st_mtime_ns}{where}|{WINDOWS}".encode())
     dst = os.path.join(cache, key.hexdigest()[:16] + ".npy")
     if os.path.exists(dst):
         return np.load(dst)
     t0 = time.perf_counter()
     model = pyqrt.load(path, threads=threads, **({"act": act} if act else {}))
     ids = text_ids(model, n_tokens, text, skip)
-    nll = np.concatenate([model.score(ids[s:s + window]) for s in range(0, len(ids), window)
-                          if len(ids[s:s + window]) >= 2])
+    nll = np.concatenate([model.score(chunk) for chunk in model.scoring_windows(ids, window)])
     os.makedirs(cache, exist_ok=True)
     np.save(dst, nll)
     print(f"{spec}: {len(nll)} tokens in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -106,10 +108,7 @@ def window_kld(specs, ref_spec, n_tokens, window, threads, text="wiki", skip=0):
     models = {s: load(s) for s in specs}
     ids = text_ids(ref, n_tokens, text, skip)
     out = {s: [] for s in specs}
-    for start in range(0, len(ids), window):
-        chunk = ids[start:start + window]
-        if len(chunk) < 2:
-            break
+    for chunk in ref.scoring_windows(ids, window):
         ref_logp = log_softmax64(ref.logits(chunk)[:-1])   # the predictions perplexity scores: all but the last
         for s, m in models.items():
             out[s].append(float(kl_rows(ref_logp, m.logits(chunk)[:-1]).mean()))

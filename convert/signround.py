@@ -454,14 +454,16 @@ def _through(torch, graph, layer, x, p, weight, seen=None):
 
 
 def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_SEQLEN, batch=DEFAULT_BATCH,
-         sparse=None, progress=True, seed=0, calibration=None):
+         sparse=None, progress=True, seed=0, calibration=None, bos=None):
     """SignRound over every block -> ({matrix name: its bytes}, [per-block report dicts]). calibration: {matrix
     name: Calibration} of the float model (the converter's --calib statistics): each matrix in it starts at its
     format's calibrated rounding (what --calib alone writes); without it (None, or INT4), at the format's data-free
     search.
     load(name) -> float32 numpy tensor as the runtime wants it (architectures.transform applied), None when the
-    model has no such tensor (a bias); ids: the
-    calibration token ids, cut into len(ids) // seqlen sequences of seqlen."""
+    model has no such tensor (a bias); ids: the calibration token ids, cut into len(ids) // seqlen sequences of
+    seqlen, each behind the token bos when given (a model whose tokenizer starts every text with BOS, as
+    Model.scoring_windows reads text: without it Gemma-3's float model is off its distribution for the first few
+    dozen tokens, and the tuning would fit those)."""
     torch = import_torch()
     if fmt not in ROUNDERS:
         raise ConvertError(f"--signround tunes the 4-bit formats {', '.join(FORMATS)}, not {fmt}")
@@ -474,6 +476,8 @@ def tune(fmt, meta, arch, load, group, ids, iters=DEFAULT_ITERS, seqlen=DEFAULT_
         raise ConvertError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seqlen}; "
                            f"give a longer text or a smaller --seqlen")
     ids = np.asarray(ids[:n_seq * seqlen], np.int64).reshape(n_seq, seqlen)
+    if bos is not None:
+        ids = np.concatenate([np.full((n_seq, 1), bos, np.int64), ids], axis=1)
     n_train = n_seq - int(n_seq * HELD_OUT_SHARE)     # the last sequences held out (none below 8 sequences)
     graph = BlockGraph(torch, meta, arch)
     embed = load("model.embed_tokens.weight")

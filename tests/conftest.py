@@ -105,18 +105,22 @@ class Oracle:
                 out_ids.append(step[0])
         return out_ids
 
+    def scoring_bos(self):
+        """BOS when transformers' tokenizer starts every text with it (Gemma-3), else None"""
+        plain, special = self.tokenize("a", special=False), self.tokenize("a", special=True)
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None and len(special) > len(plain) and special[0] == bos else None
+
     def window_nll(self, ids, window):
         """(sum of NLL, count) by the perplexity convention of pyqrt's Model.perplexity: ids cut into
-        non-overlapping windows of `window`, each scored as a fresh sequence, so a window's first token is context
-        only and tokens 1..len-1 are predicted; a last window shorter than 2 tokens is dropped. NLL in float64
-        from log_softmax of the float32 logits."""
+        pyqrt.model.scoring_windows (non-overlapping, each a fresh sequence behind BOS when the tokenizer adds one,
+        else with its first token context only). NLL in float64 from log_softmax of the float32 logits."""
+        from pyqrt.model import scoring_windows
         torch = self.torch
         total, count = 0.0, 0
         with torch.no_grad():
-            for start in range(0, len(ids), window):
-                chunk = torch.tensor([list(ids[start:start + window])])
-                if chunk.shape[1] < 2:
-                    break
+            for tokens in scoring_windows(ids, window, self.scoring_bos()):
+                chunk = torch.tensor([tokens])
                 logp = torch.log_softmax(self.model(chunk).logits[0].double(), dim=-1)
                 nll = -logp[:-1].gather(1, chunk[0, 1:, None])[:, 0]
                 total += float(nll.sum())
@@ -129,7 +133,8 @@ class Oracle:
         ids = [int(i) for i in ids]
         weights = sorted((os.path.basename(p), os.path.getsize(p)) for p in
                          [os.path.join(self.hf_dir, f) for f in os.listdir(self.hf_dir)] if p.endswith(".safetensors"))
-        key = hashlib.sha256(json.dumps([self.name, weights, ids, window]).encode()).hexdigest()[:20]
+        key = hashlib.sha256(json.dumps([self.name, weights, ids, window, self.scoring_bos()]).encode())
+        key = key.hexdigest()[:20]
         path = os.path.join(assets.CACHE, "oracle", f"ppl-{key}.json")
         if os.path.exists(path):
             with open(path) as f:

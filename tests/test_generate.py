@@ -130,3 +130,23 @@ def test_unicode_prompts_round_trip(model):
     pieces = list(model.generate("東京は", max_tokens=20, temperature=0, ignore_eos=True, stream=True))
     # pieces are whole characters; only the very end may hold a character cut short by max_tokens
     assert pieces and "\ufffd" not in "".join(pieces)[:-1]
+
+
+def test_scoring_windows_predict_every_token_once_behind_bos():
+    from pyqrt.model import scoring_windows
+    ids = list(range(10))
+    assert scoring_windows(ids, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert scoring_windows(ids, 4, bos=99) == [[99, 0, 1, 2], [99, 3, 4, 5], [99, 6, 7, 8], [99, 9]]
+    assert scoring_windows(ids[:9], 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]     # a lone last token predicts nothing
+    assert scoring_windows([], 4, bos=99) == []
+
+
+def test_perplexity_reads_each_window_behind_bos_when_the_tokenizer_adds_it(model, monkeypatch):
+    ids = model.tokenize(PROMPT + " is a long one, and it is told here in a few sentences. " * 4, special=False)
+    plain = model.perplexity(ids, window=16)
+    monkeypatch.setattr(model.tokenizer, "add_bos", True)
+    bos = model.tokenizer.bos_id
+    want = np.concatenate([model.score([bos] + ids[s:s + 15]) for s in range(0, len(ids), 15)])
+    assert len(want) == len(ids)
+    assert model.perplexity(ids, window=16) == pytest.approx(math.exp(want.mean()), rel=1e-12)
+    assert model.perplexity(ids, window=16) != pytest.approx(plain, rel=1e-6)

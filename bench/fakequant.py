@@ -113,8 +113,7 @@ nll, cnt = 0.0, 0
 t = time.time()
 with torch.no_grad():
     # the windows Model.perplexity scores: behind BOS when the tokenizer adds one (Gemma-3)
-    bos = tok.bos_token_id if tok("a")["input_ids"][0] == tok.bos_token_id else None
-    for window in scoring_windows(ids, 512, bos):
+    for window in scoring_windows(ids, 512, assets.hf_scoring_bos(tok)):
         ch = torch.tensor([window])
         lg = model(ch).logits[0, :-1].double()
         lp = torch.log_softmax(lg, -1).gather(1, ch[0, 1:, None])

@@ -8,9 +8,9 @@ as Model.perplexity does (each window behind BOS when the model's tokenizer adds
 token's negative log-likelihood. Two files' difference is then the mean of the per-token NLL differences, paired
 on the same tokens, with its standard error over the windows (each window's --window - 1 scored tokens are one
 block: neighbouring tokens are correlated, so single tokens would understate it). A difference of less than
-about twice its standard error is not one this text can show. --pair A B adds a row for that difference too (A and B as
-given among the files, ACT included). NLLs are cached in --cache per file, ACT, token count and build of the
-native library (a rebuilt runtime may round differently), so adding a file costs only that file.
+about twice its standard error is not one this text can show. --pair A B adds a row for that difference too (A
+and B as given among the files, ACT included). NLLs are cached in --cache per file, ACT, token count and build of
+the native library (a rebuilt runtime may round differently), so adding a file costs only that file.
 
 --kld N adds each file's KL divergence from the reference's next-token distribution, KL(ref || file) in nats,
 averaged over the predictions of the first N tokens (the same windows; full vocabulary, float64), with its

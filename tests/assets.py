@@ -243,6 +243,15 @@ def smollm2_hf():
     return hf_dir_from_gguf(smollm2_gguf(), os.path.join(CACHE, "smollm2-135m-hf"))
 
 
+def hf_scoring_bos(tokenizer):
+    """for transformers' tokenizer: the BOS id when it starts every text with BOS (Gemma-3), else None; the bos
+    that pyqrt.model.scoring_windows puts in front of each window, as Model.scoring_bos does for a .qrz"""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    special = tokenizer("a", add_special_tokens=True).input_ids
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and len(special) > len(plain) and special[0] == bos else None
+
+
 def converter_hash():
     """changes whenever the converter or the format spec does: cached .qrz files older than it are redone"""
     h = hashlib.sha256()

@@ -105,12 +105,6 @@ class Oracle:
                 out_ids.append(step[0])
         return out_ids
 
-    def scoring_bos(self):
-        """BOS when transformers' tokenizer starts every text with it (Gemma-3), else None"""
-        plain, special = self.tokenize("a", special=False), self.tokenize("a", special=True)
-        bos = self.tokenizer.bos_token_id
-        return bos if bos is not None and len(special) > len(plain) and special[0] == bos else None
-
     def window_nll(self, ids, window):
         """(sum of NLL, count) by the perplexity convention of pyqrt's Model.perplexity: ids cut into
         pyqrt.model.scoring_windows (non-overlapping, each a fresh sequence behind BOS when the tokenizer adds one,
@@ -119,7 +113,7 @@ class Oracle:
         torch = self.torch
         total, count = 0.0, 0
         with torch.no_grad():
-            for tokens in scoring_windows(ids, window, self.scoring_bos()):
+            for tokens in scoring_windows(ids, window, assets.hf_scoring_bos(self.tokenizer)):
                 chunk = torch.tensor([tokens])
                 logp = torch.log_softmax(self.model(chunk).logits[0].double(), dim=-1)
                 nll = -logp[:-1].gather(1, chunk[0, 1:, None])[:, 0]
@@ -129,12 +123,12 @@ class Oracle:
 
     def perplexity(self, ids, window):
         """exp(mean NLL) by window_nll's convention; cached in the cache dir as JSON keyed by a hash of the model
-        weights' file sizes and names, the ids and the window, so reruns skip the transformers pass"""
+        weights' file sizes and names, the ids, the window and the BOS, so reruns skip the transformers pass"""
         ids = [int(i) for i in ids]
         weights = sorted((os.path.basename(p), os.path.getsize(p)) for p in
                          [os.path.join(self.hf_dir, f) for f in os.listdir(self.hf_dir)] if p.endswith(".safetensors"))
-        key = hashlib.sha256(json.dumps([self.name, weights, ids, window, self.scoring_bos()]).encode())
-        key = key.hexdigest()[:20]
+        bos = assets.hf_scoring_bos(self.tokenizer)
+        key = hashlib.sha256(json.dumps([self.name, weights, ids, window, bos]).encode()).hexdigest()[:20]
         path = os.path.join(assets.CACHE, "oracle", f"ppl-{key}.json")
         if os.path.exists(path):
             with open(path) as f:

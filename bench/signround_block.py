@@ -1,14 +1,17 @@
 """SignRound on one block, watched from outside: the block's output error on held-out text as tuning goes.
 
     python -m bench.signround_block --format fp4 --layer 6 --group 64 [--tune both|V|alpha] [--iters 100]
+                                    [--calib] [--lr 1]
 
-Gemma-3-270M (the test asset), float inputs to the block (the float model's earlier blocks) on 64 sequences of
-256 c4 tokens (what the converter tunes on) and 8 of 256 wiki tokens (held out: never tuned on). The block's
-quantizers (convert/signround.py's Rounders, started as the converter starts them) are tuned by the converter's
-SignSGD for --iters steps on batches of 4 c4 sequences, moving V, alpha or both whatever the Rounder's own
-TUNE_ALPHA says; every 25 steps it prints the relative error |y_q - y|^2 / |y|^2 of the block's output on the
-wiki and on all the c4 sequences, for the current step (no best-step selection). Needs torch (the signround
-extra) and the test assets (`python -m tests.assets hf --model gemma3`).
+Gemma-3-270M (the test asset), float inputs to the block (the float model's earlier blocks) on --samples sequences
+of 256 c4 tokens (default 128, what the converter tunes on) and 8 of 256 wiki tokens (held out: never tuned on),
+each behind BOS as the converter reads them. The block's quantizers (convert/signround.py's Rounders, started as the
+converter starts them without calibration, or with --calib at the format's calibrated rounding from the Gram matrix
+of the block's float inputs on the c4 sequences) are tuned by the converter's SignSGD for --iters steps on batches
+of 4 c4 sequences (first step --lr / iters), moving V, alpha or both whatever the Rounder's own params() say; every
+25 steps it prints, for the current step (no best-step selection), the relative error |y_q - y|^2 / |y|^2 of the
+block's output and the converter's channel-weighted loss, on the wiki, the held-out c4 and the c4 tuned on.
+Needs torch (the signround extra) and the test assets (`python -m tests.assets hf --model gemma3`).
 """
 import argparse
 
@@ -33,6 +36,10 @@ def main():
     p.add_argument("--iters", type=int, default=sr.DEFAULT_ITERS)
     p.add_argument("--samples", type=int, default=sr.DEFAULT_SAMPLES, help="c4 sequences tuned on")
     p.add_argument("--batch", type=int, default=sr.DEFAULT_BATCH)
+    p.add_argument("--calib", action="store_true",
+                   help="start at the format's calibrated rounding (what --calib writes), from the Gram matrix of the "
+                        "block's float inputs on the c4 sequences, instead of its data-free search")
+    p.add_argument("--lr", type=float, default=1.0, help="SignSGD's first step in units of 1/iters (the converter: 1)")
     args = p.parse_args()
 
     import torch
@@ -48,10 +55,14 @@ def main():
         return transform(arch, name, source.load(name)).astype("float32")
 
     tok = pyqrt.load(model_qrz("gemma3", "f16"), threads=1)
-    wiki = np.array(tok.tokenize(text("wiki")[:100000], special=False)[:8 * 256]).reshape(8, 256)
+
+    def behind_bos(seqs):       # as the converter tunes and Model.scoring_windows reads Gemma-3: behind BOS
+        return np.concatenate([np.full((len(seqs), 1), tok.scoring_bos), seqs], axis=1)
+
+    wiki = behind_bos(np.array(tok.tokenize(text("wiki")[:100000], special=False)[:8 * 256]).reshape(8, 256))
     c4_all = np.array(tok.tokenize(text("c4"), special=False))
-    c4 = c4_all[:args.samples * 256].reshape(args.samples, 256)
-    c4_held = c4_all[-8 * 256:].reshape(8, 256)      # the text's end, never tuned on
+    c4 = behind_bos(c4_all[:args.samples * 256].reshape(args.samples, 256))
+    c4_held = behind_bos(c4_all[-8 * 256:].reshape(8, 256))      # the text's end, never tuned on
     graph = sr.BlockGraph(torch, meta, arch)
     embed = load("model.embed_tokens.weight")
 
@@ -74,7 +85,20 @@ def main():
     y_c4 = sr._through(torch, graph, args.layer, x_c4, norms, w_float.__getitem__)
     energy = sr._InputStats(0, np.random.default_rng(0))
     sr._through(torch, graph, args.layer, x_c4[:32], norms, w_float.__getitem__, energy)
-    rounders = {s: sr.ROUNDERS[args.format](torch, w_float[s].numpy(), args.group, energy.mean_energy(s))
+    starts = {}
+    if args.calib and args.format != "int4":
+        from convert.formats import Calibration
+        grams = {}
+
+        def gram(name, h):
+            x = h.detach().reshape(-1, h.shape[-1]).double()
+            grams[name] = grams.get(name, 0) + x.T @ x
+
+        sr._through(torch, graph, args.layer, x_c4, norms, w_float.__getitem__, gram)
+        rows = x_c4.shape[0] * x_c4.shape[1]
+        starts = {s: {"calib": Calibration(gram=(grams[s] / rows).numpy())} for s in sr.LINEARS}
+    rounders = {s: sr.ROUNDERS[args.format](torch, w_float[s].numpy(), args.group, energy.mean_energy(s),
+                                            **starts.get(s, {}))
                 for s in sr.LINEARS}
 
     def errors():
@@ -84,16 +108,18 @@ def main():
             for x, y in ((x_wiki, y_wiki), (x_held, y_held), (x_c4, y_c4)):
                 yq = sr._through(torch, graph, args.layer, x, norms, w.__getitem__)
                 out.append(float(((yq - y) ** 2).mean() / (y ** 2).mean()))
+                out.append(float(sr.channel_weighted_loss(y)(yq, y)))
         return out
 
     params = []
     for r in rounders.values():
-        tune = args.tune or ("both" if r.TUNE_ALPHA else "V")
-        params += {"both": [r.V, r.alpha], "V": [r.V], "alpha": [r.alpha]}[tune]
+        chosen = {"both": [r.V, r.alpha], "V": [r.V], "alpha": [r.alpha]}.get(args.tune)
+        params += r.params() if chosen is None else chosen
     for t in params:
         t.requires_grad_(True)
     print(f"{args.format} G={args.group} layer {args.layer}, tuning {args.tune or 'the default'}: "
-          f"relative output error (held-out wiki, held-out c4, the c4 tuned on)")
+          f"relative output error, then the converter's channel-weighted loss (held-out wiki, held-out c4, "
+          f"the c4 tuned on)")
     print(f"step 0: " + " ".join(f"{e:.3e}" for e in errors()), flush=True)
     rng = np.random.default_rng(0)
     block_loss = sr.channel_weighted_loss(y_c4)   # the converter's loss
@@ -104,7 +130,7 @@ def main():
         for t in params:
             t.grad = None
         loss.backward()
-        lr = (1.0 / args.iters) * (1.0 - step / args.iters)
+        lr = (args.lr / args.iters) * (1.0 - step / args.iters)
         with torch.no_grad():
             for t in params:
                 t -= lr * torch.sign(t.grad)

@@ -41,6 +41,8 @@ def main():
                         "block's float inputs on the c4 sequences, instead of its data-free search")
     p.add_argument("--lr", type=float, default=1.0, help="SignSGD's first step in units of 1/iters (the converter: 1)")
     args = p.parse_args()
+    if args.calib and args.format == "int4":
+        p.error("--calib: INT4 has no calibrated rounding; it starts at round to nearest either way")
 
     import torch
     torch.set_num_threads(1)
@@ -86,7 +88,7 @@ def main():
     energy = sr._InputStats(0, np.random.default_rng(0))
     sr._through(torch, graph, args.layer, x_c4[:32], norms, w_float.__getitem__, energy)
     starts = {}
-    if args.calib and args.format != "int4":
+    if args.calib:
         from convert.formats import Calibration
         grams = {}
 

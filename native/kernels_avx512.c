@@ -498,7 +498,7 @@ QRZ_AVX512 static void fp4_matmul_avx512(const qrz_weight *w, const qrz_acts *x,
  * same order, so a row's result does not depend on the batch it came in (the float order differs from the AVX2
  * kernel's, within the tests' bound). Other group sizes take the AVX2 kernel for every row. */
 static qrz_matmul_fn q8_matmul_other;
-#define Q8_AHEAD 4096   /* software prefetch distance in bytes; the rows are one stream, but the hardware
+#define Q8_AHEAD 8192   /* software prefetch distance in bytes; the rows are one stream, but the hardware
                          * prefetcher alone measured behind (as for SDR's decoding kernel) */
 
 /* 32 bytes in the lower half, zeros above */
@@ -522,16 +522,22 @@ QRZ_AVX512_INLINE void q8_rows_avx512(const qrz_weight *w, const qrz_acts *x, in
         for (int64_t g0 = 0; g0 < ng; g0 += 16) {
             const int64_t m = ng - g0 < 16 ? ng - g0 : 16;
             const __mmask16 in = (__mmask16)((1u << m) - 1);
-            const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(in, wd + g0));
+            /* a plain load even past the row's last group: a masked one does not train the hardware prefetcher,
+             * and this plane is a second stream beside the codes (masked, the head streamed 33 GB/s on one thread
+             * instead of 44). Past the last row it reads the plane's padding or the codes that follow it, inside
+             * the tensor; the lanes past m, whatever they decode to (inf, NaN), are zeroed by the masked multiply,
+             * as a last odd group's pair picks lane m */
+            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + g0)));
             __m512 dwx[4];
-            for (int t = 0; t < NT; t++) dwx[t] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(in, x->d + (i + t) * ng + g0));
+            for (int t = 0; t < NT; t++)
+                dwx[t] = _mm512_maskz_mul_ps(in, dw, _mm512_maskz_loadu_ps(in, x->d + (i + t) * ng + g0));
             if (G == 32) {
                 for (int64_t k = 0; k < m; k += 2) {   /* groups g0 + k and g0 + k + 1 (none past the last) */
                     /* plain loads but for a last group alone: masked loads measured 2x slower on the whole head
                      * (they seem not to train the hardware prefetcher) */
                     const int two = k + 1 < m;
                     const int64_t at = (g0 + k) * 32;
-                    _mm_prefetch((const char *)(wq + at + Q8_AHEAD), _MM_HINT_T1);
+                    _mm_prefetch((const char *)(wq + at + Q8_AHEAD), _MM_HINT_T0);
                     const __m512i wv = two ? _mm512_loadu_si512(wq + at) : load_half(wq + at);
                     const __m512i wa = _mm512_abs_epi8(wv);
                     const __mmask64 neg = _mm512_movepi8_mask(wv);
@@ -548,7 +554,7 @@ QRZ_AVX512_INLINE void q8_rows_avx512(const qrz_weight *w, const qrz_acts *x, in
                     __m512i s[4];
                     for (int t = 0; t < NT; t++) s[t] = zero;
                     for (int64_t at = (g0 + k) * G, end = at + G; at < end; at += 64) {
-                        _mm_prefetch((const char *)(wq + at + Q8_AHEAD), _MM_HINT_T1);
+                        _mm_prefetch((const char *)(wq + at + Q8_AHEAD), _MM_HINT_T0);
                         const __m512i wv = _mm512_loadu_si512(wq + at);
                         const __m512i wa = _mm512_abs_epi8(wv);
                         const __mmask64 neg = _mm512_movepi8_mask(wv);

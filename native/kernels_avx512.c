@@ -122,8 +122,8 @@ static qrz_matmul_fn sdr_matmul_i8_few;
 
 /* ---- SDR x I8_ROW, one activation row (decoding): four runs per 64-byte load ----
  * The AVX2 decoding kernel's arithmetic (sdr_i8_row_pairs) on vectors twice as wide: unsigned codes u = m + 8 into
- * maddubs against the activations, int16 pair sums widened and shifted by one madd with 2^e per lane, 8 sum_g 2^e_g
- * sum q taken off at the end; the same integer total. A 64-byte load holds runs 4c .. 4c + 3, one per 128-bit
+ * maddubs against the activations, 8 (q_a + q_b) taken off each int16 pair sum (sdr_decode_rows), then widened and
+ * shifted by one madd with 2^e per lane; the same integer total. A 64-byte load holds runs 4c .. 4c + 3, one per 128-bit
  * lane, the low nibbles of each its values 0..15 and the high ones 16..31; so the activation row is reordered once
  * per call into, per 128 values, [0..15 | 32..47 | 64..79 | 96..111] and [16..31 | 48..63 | 80..95 | 112..127].
  * Lane k's multipliers 2^e come from the flag bytes by a variable shift of one broadcast word: at G = 32 lane k is
@@ -145,19 +145,22 @@ QRZ_AVX512_INLINE void x_quads_reorder(const int8_t *x, int64_t quads, int8_t *x
 /* 2^e in both int16 halves of each int32 lane (a madd operand), for e in 0..15 per lane */
 QRZ_AVX512_INLINE __m512i pow2_pairs(__m512i e) { return _mm512_sllv_epi32(_mm512_set1_epi32(0x00010001), e); }
 
-QRZ_AVX512_INLINE void sdr_i8_decode_avx512(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y) {
-    const sdr_view p = sdr_view_of(w);
-    const int32_t G = w->group;
-    const int64_t K = w->cols, ng = K / G, nq = K / 128, runs = K / 32;
-    const int8_t *xq = x->q;
-    int8_t xq4[SDR_QUADS_MAX_K] __attribute__((aligned(64)));
-    x_quads_reorder(xq, nq, xq4);
+/* The decoding loop for one group form, a constant once inlined (16, 32, 64, or 0 for G >= 128: one multiplier per
+ * four runs), so that the loop holds no test of the group. u = m + 8 is taken back per int16 pair before the
+ * multipliers: corr holds 8 (x_a + x_b) for each pair of the reordered row (G = 16: the low and the high half of
+ * quad c at 2c and 2c + 1; otherwise their sum at c), so a pair's sum is sum m x, at most 4 * 8 * 127 in magnitude
+ * after the two halves are added, and no per-row pass over the groups' activation sums is left. */
+QRZ_AVX512_INLINE void sdr_decode_rows(const sdr_view p, const int8_t *xq, const int8_t *xq4, const __m512i *corr,
+                                       int32_t G, int64_t K, int64_t r0, int64_t r1, float d, float *y,
+                                       const int FORM) {
+    const int64_t nq = K / 128, runs = K / 32;
     const __m512i low4 = _mm512_set1_epi8(15), nib15 = _mm512_set1_epi32(15);
     /* per-lane right shifts of the broadcast flag word: G = 16 low and high halves, G = 32, G = 64 */
     const __m512i sh16_lo = _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
     const __m512i sh16_hi = _mm512_add_epi32(sh16_lo, _mm512_set1_epi32(4));
     const __m512i sh32 = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
     const __m512i sh64 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+    const __m256i eight = _mm256_set1_epi8(8);
     /* a software prefetch sixteen rows ahead (7 KB at 896 columns; at most 16 KB): a row is a short stream for the
      * hardware prefetcher, and four rows ahead, as in the AVX2 kernel, measured 12% slower on one thread */
     const int64_t ahead = 16 * (K / 2) < 16384 ? 16 * (K / 2) : 16384;
@@ -170,42 +173,70 @@ QRZ_AVX512_INLINE void sdr_i8_decode_avx512(const qrz_weight *w, const qrz_acts 
             const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
             const __m512i s_lo = _mm512_maddubs_epi16(lo, _mm512_load_si512(xq4 + 128 * c));
             const __m512i s_hi = _mm512_maddubs_epi16(hi, _mm512_load_si512(xq4 + 128 * c + 64));
-            if (G == 16) {
+            if (FORM == 16) {
                 uint32_t f;
                 memcpy(&f, flags + 4 * c, 4);
                 const __m512i fv = _mm512_set1_epi32((int32_t)f);
                 const __m512i e_lo = _mm512_and_si512(_mm512_srlv_epi32(fv, sh16_lo), nib15);
                 const __m512i e_hi = _mm512_and_si512(_mm512_srlv_epi32(fv, sh16_hi), nib15);
-                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(s_lo, pow2_pairs(e_lo)));
-                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(s_hi, pow2_pairs(e_hi)));
+                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_sub_epi16(s_lo, corr[2 * c]), pow2_pairs(e_lo)));
+                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_sub_epi16(s_hi, corr[2 * c + 1]),
+                                                              pow2_pairs(e_hi)));
                 continue;
             }
             __m512i e;
-            if (G == 32) {
+            if (FORM == 32) {
                 uint16_t f;
                 memcpy(&f, flags + 2 * c, 2);
                 e = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(f), sh32), nib15);
-            } else if (G == 64) {
+            } else if (FORM == 64) {
                 e = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(flags[c]), sh64), nib15);
             } else {
                 e = _mm512_set1_epi32(nib_shift(flags, 4 * c / (G / 32)));
             }
-            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_add_epi16(s_lo, s_hi), pow2_pairs(e)));
+            const __m512i s = _mm512_sub_epi16(_mm512_add_epi16(s_lo, s_hi), corr[c]);
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(s, pow2_pairs(e)));
         }
         uint32_t total = (uint32_t)_mm512_reduce_add_epi32(acc);
         for (int64_t c = 4 * nq; c < runs; c++) {   /* the last one to three runs, one at a time */
             const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * c));
-            const __m256i s16 = _mm256_maddubs_epi16(nibu_run(mant + 16 * c), xv);
+            const __m256i s16 = _mm256_sub_epi16(_mm256_maddubs_epi16(nibu_run(mant + 16 * c), xv),
+                                                 _mm256_maddubs_epi16(eight, xv));
             /* lanes 0-3 values 0..15 of run c, lanes 4-7 values 16..31 */
-            const int e_lo = G == 16 ? nib_shift(flags, 2 * c) : nib_shift(flags, c / (G / 32));
-            const int e_hi = G == 16 ? nib_shift(flags, 2 * c + 1) : e_lo;
+            const int e_lo = FORM == 16 ? nib_shift(flags, 2 * c) : nib_shift(flags, c / (G / 32));
+            const int e_hi = FORM == 16 ? nib_shift(flags, 2 * c + 1) : e_lo;
             const __m256i pw = _mm256_setr_epi16(1 << e_lo, 1 << e_lo, 1 << e_lo, 1 << e_lo, 1 << e_lo, 1 << e_lo,
                                                  1 << e_lo, 1 << e_lo, 1 << e_hi, 1 << e_hi, 1 << e_hi, 1 << e_hi,
                                                  1 << e_hi, 1 << e_hi, 1 << e_hi, 1 << e_hi);
             total += (uint32_t)hsum_i32(_mm256_madd_epi16(s16, pw));
         }
-        total -= 8u * sdr_shifted_sums(flags, x->sums, ng);
-        y[r] = (float)(int32_t)total * (p.s[r] * x->d[0]);
+        y[r] = (float)(int32_t)total * (p.s[r] * d);
+    }
+}
+
+QRZ_AVX512_INLINE void sdr_i8_decode_avx512(const qrz_weight *w, const qrz_acts *x, int64_t r0, int64_t r1, float *y) {
+    const sdr_view p = sdr_view_of(w);
+    const int32_t G = w->group;
+    const int64_t K = w->cols, nq = K / 128;
+    int8_t xq4[SDR_QUADS_MAX_K] __attribute__((aligned(64)));
+    __m512i corr[2 * (SDR_QUADS_MAX_K / 128)];
+    x_quads_reorder(x->q, nq, xq4);
+    const __m512i eight = _mm512_set1_epi8(8);
+    for (int64_t c = 0; c < nq; c++) {
+        const __m512i lo = _mm512_maddubs_epi16(eight, _mm512_load_si512(xq4 + 128 * c));
+        const __m512i hi = _mm512_maddubs_epi16(eight, _mm512_load_si512(xq4 + 128 * c + 64));
+        if (G == 16) {
+            corr[2 * c] = lo;
+            corr[2 * c + 1] = hi;
+        } else {
+            corr[c] = _mm512_add_epi16(lo, hi);
+        }
+    }
+    switch (G) {
+    case 16: sdr_decode_rows(p, x->q, xq4, corr, G, K, r0, r1, x->d[0], y, 16); break;
+    case 32: sdr_decode_rows(p, x->q, xq4, corr, G, K, r0, r1, x->d[0], y, 32); break;
+    case 64: sdr_decode_rows(p, x->q, xq4, corr, G, K, r0, r1, x->d[0], y, 64); break;
+    default: sdr_decode_rows(p, x->q, xq4, corr, G, K, r0, r1, x->d[0], y, 0); break;
     }
 }
 

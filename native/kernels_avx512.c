@@ -467,6 +467,14 @@ QRZ_AVX512_INLINE __m512i fp4_rows16_totals(const __m512i *v) {
                             _mm512_shuffle_i32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+/* scales8_rows for a whole block of eight groups even when only gn < 8 are left (at 896 columns, 6 of 14): plain
+ * loads and one transpose instead of a gather of 8 gn halves; the lanes past gn are never used, and past the last
+ * row of the tensor the load reads the plane's padding or the codes that follow it */
+QRZ_AVX512_INLINE void scales8_rows_whole(const uint16_t *wd, int64_t ng, int64_t g0, __m256 *dws) {
+    for (int a = 0; a < 8; a++) dws[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + a * ng + g0)));
+    transpose8_ps(dws);
+}
+
 QRZ_AVX512_INLINE void fp4_decode16(const qrz_fp4_view *v, const qrz_acts *x, const int8_t *xp, __m512i lut_u,
                                     int top, bool grouped, int64_t K, int64_t r, float *y) {
     const int64_t ng = K / 64, row = K / 2;
@@ -476,8 +484,8 @@ QRZ_AVX512_INLINE void fp4_decode16(const qrz_fp4_view *v, const qrz_acts *x, co
     for (int64_t g0 = 0; g0 < ng; g0 += 8) {
         const int64_t gn = ng - g0 < 8 ? ng - g0 : 8;
         __m256 d_lo[8], d_hi[8];   /* lane a: row r + a's (r + 8 + a's) scale of group g0 + j */
-        scales8_rows(wd, ng, g0, gn, d_lo);
-        scales8_rows(wd + 8 * ng, ng, g0, gn, d_hi);
+        scales8_rows_whole(wd, ng, g0, d_lo);
+        scales8_rows_whole(wd + 8 * ng, ng, g0, d_hi);
         for (int64_t j = 0; j < gn; j++) {
             const int64_t g = g0 + j;
             const __m512i xlo = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i *)(xp + 64 * g)));

@@ -123,14 +123,14 @@ static qrz_matmul_fn sdr_matmul_i8_few;
 /* ---- SDR x I8_ROW, one activation row (decoding): four runs per 64-byte load ----
  * The AVX2 decoding kernel's arithmetic (sdr_i8_row_pairs) on vectors twice as wide: unsigned codes u = m + 8 into
  * maddubs against the activations, 8 (q_a + q_b) taken off each int16 pair sum (sdr_decode_rows), then widened and
- * shifted by one madd with 2^e per lane; the same integer total. A 64-byte load holds runs 4c .. 4c + 3, one per 128-bit
- * lane, the low nibbles of each its values 0..15 and the high ones 16..31; so the activation row is reordered once
- * per call into, per 128 values, [0..15 | 32..47 | 64..79 | 96..111] and [16..31 | 48..63 | 80..95 | 112..127].
- * Lane k's multipliers 2^e come from the flag bytes by a variable shift of one broadcast word: at G = 32 lane k is
- * group 4c + k (nibble k of two flag bytes); at G = 16 its low half is group 8c + 2k and its high half 8c + 2k + 1,
- * nibbles 2k and 2k + 1 of four flag bytes, so the two halves keep apart sums; at G = 64 lanes 0-1 and 2-3 are the
- * two nibbles of one flag byte; from G = 128 on all four lanes are one group. Runs past the last whole four
- * take the AVX2 kernel's per-run step. */
+ * shifted by one madd with 2^e per lane; the same integer total. A 64-byte load holds runs 4c .. 4c + 3, one per
+ * 128-bit lane, the low nibbles of each its values 0..15 and the high ones 16..31; so the activation row is
+ * reordered once per call into, per 128 values, [0..15 | 32..47 | 64..79 | 96..111] and [16..31 | 48..63 | 80..95 |
+ * 112..127]. Lane k's multipliers 2^e come from the flag bytes by a variable shift of one broadcast word: at G = 32
+ * lane k is group 4c + k (nibble k of two flag bytes); at G = 16 its low half is group 8c + 2k and its high half
+ * 8c + 2k + 1, nibbles 2k and 2k + 1 of four flag bytes, so the two halves keep apart sums; at G = 64 lanes 0-1 and
+ * 2-3 are the two nibbles of one flag byte; from G = 128 on all four lanes are one group. Runs past the last whole
+ * four take the AVX2 kernel's per-run step. */
 #define SDR_QUADS_MAX_K 16384     /* the reordered row lives on the stack */
 
 QRZ_AVX512_INLINE void x_quads_reorder(const int8_t *x, int64_t quads, int8_t *xq4) {

@@ -371,6 +371,31 @@ def test_sdr_largest_sums(isa, group):
         assert abs(total) > 0.99 * (16256 * cols if act_bits == 8 else (1 << 22) * cols)   # they did get that large
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("group", [16, 32, 64, 256])
+@pytest.mark.parametrize("cols", [16384, 16384 - 64])
+def test_sdr_decoding_largest_sums(isa, group, cols):
+    """one activation row (the AVX-512 decoding kernel, up to 16384 columns) at the largest magnitudes: weights
+    -8 * 2^4, activations at their most negative code, and a row of mixed signs; 16384 - 64 columns end in two
+    runs past the last whole four. The kernel takes 8 (q_a + q_b) off each int16 pair sum in its loop, so this is
+    where a pair sum or the correction would wrap"""
+    if cols % group:
+        pytest.skip("the group does not divide the columns")
+    rng = np.random.default_rng(6)
+    rows = 18
+    m = np.full((rows, cols), -8)
+    e = np.full((rows, cols // group), 4)
+    m[1, ::2] = 7
+    e[1, ::3] = 0
+    m[2] = rng.integers(-8, 8, cols)
+    e[2] = rng.integers(0, 5, cols // group)
+    wbytes = _sdr_bytes(rng, rows, cols, group, m, e)
+    for x in (np.full((1, cols), -1.0, np.float32), np.full((1, cols), 1.0, np.float32),
+              rng.standard_normal((1, cols)).astype(np.float32)):
+        got = _native.kernel_matmul(isa, lib.QRZ_TYPE_SDR, group, wbytes, rows, cols, x, 8)
+        np.testing.assert_array_equal(got, sdr_reference(wbytes, rows, cols, group, x, 8))
+
+
 def test_acts_twins_match_the_c_quantizers():
     """the numpy twins give the C codes: with SDR weights that are 1 at a single column, the exact kernel output
     is s_w * s_x * (the activation's code there, shifted), column by column"""
